@@ -1,0 +1,178 @@
+"""The box configuration, ``/etc/opq/updater_config.json``, as a frozen dataclass.
+
+Key names are a contract (DESIGN 3.5). Every error names the key and the file, so the one
+line the CLI prints is enough for an operator to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/opq/updater_config.json")
+
+logger = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Network limits in seconds; ``total`` bounds all network activity of one run."""
+
+    connect: float = 10
+    read: float = 30
+    total: float = 3600
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration; paths are absolute."""
+
+    server_url: str
+    path: Path = DEFAULT_CONFIG_PATH
+    version_file: str = "version.json"
+    download_dir_path: Path = Path("/var/cache/opq-box-updater/")
+    trust_root: Path = Path("/usr/share/opq-box-updater/root.json")
+    state_dir: Path = Path("/var/lib/opq-box-updater/")
+    log_file: Path = Path("/var/log/opq/box_updater.log")
+    hooks_dir: Path = Path("/etc/opq/updater/hooks/")
+    dpkg_root: Path = Path("/")
+    box_id: str = ""
+    installer: str = "dpkg"
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_package_bytes: int = 1 * GIB
+    max_unpacked_bytes: int = 2 * GIB
+    ca_bundle: Path | None = None
+    report_url: str | None = None
+    unknown_keys: tuple[str, ...] = ()
+
+    def url(self, relpath: str) -> str:
+        """Join ``server_url`` and a repository-relative path with exactly one slash."""
+        return join_url(self.server_url, relpath)
+
+
+def join_url(base: str, relpath: str) -> str:
+    """Join a base URL and a relative path with exactly one ``/`` between them."""
+    return base.rstrip("/") + "/" + relpath.lstrip("/")
+
+
+_PATH_KEYS = ("download_dir_path", "trust_root", "state_dir", "log_file", "hooks_dir",
+              "dpkg_root")
+_KNOWN_KEYS = frozenset(
+    {"server_url", "version_file", "box_id", "installer", "timeouts", "max_package_bytes",
+     "max_unpacked_bytes", "ca_bundle", "report_url", *_PATH_KEYS}
+)
+
+
+def _machine_id() -> str:
+    try:
+        return Path("/etc/machine-id").read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _fail(path: Path, key: str, why: str) -> ConfigError:
+    return ConfigError(f"{path}: key '{key}' {why}")
+
+
+def _http_url(path: Path, key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise _fail(path, key, "must be a non-empty string (an http:// or https:// URL)")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise _fail(path, key, f"must be an http:// or https:// URL, not {value!r}")
+    return value
+
+
+def _positive_int(path: Path, key: str, value: Any) -> int:
+    if type(value) is not int or value <= 0:
+        raise _fail(path, key, f"must be a positive integer, not {value!r}")
+    return value
+
+
+def _timeouts(path: Path, value: Any) -> Timeouts:
+    if not isinstance(value, dict):
+        raise _fail(path, "timeouts", 'must be an object like {"connect": 10, "read": 30}')
+    known = {"connect", "read", "total"}
+    for name in value:
+        if name not in known:
+            raise _fail(path, f"timeouts.{name}", "is not one of connect, read, total")
+    out: dict[str, float] = {}
+    for name, number in value.items():
+        if type(number) not in (int, float) or not number > 0:
+            raise _fail(path, f"timeouts.{name}", f"must be a positive number, not {number!r}")
+        out[name] = float(number)
+    return Timeouts(**out)
+
+
+def parse_config(data: bytes, path: Path = DEFAULT_CONFIG_PATH) -> Config:
+    """Validate the raw bytes of a config file; raise :class:`ConfigError` naming the key."""
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a JSON object")
+    if "server_url" not in raw:
+        raise _fail(path, "server_url", "is required (the repository's base URL)")
+    kwargs: dict[str, Any] = {"path": path,
+                              "server_url": _http_url(path, "server_url", raw["server_url"])}
+    for key in _PATH_KEYS:
+        if key in raw:
+            value = raw[key]
+            if not isinstance(value, str) or not value.startswith("/"):
+                raise _fail(path, key, f"must be an absolute path, not {value!r}")
+            kwargs[key] = Path(value)
+    if "version_file" in raw:
+        value = raw["version_file"]
+        if (not isinstance(value, str) or not value.endswith(".json") or "/" in value
+                or value.startswith(".")):
+            raise _fail(path, "version_file", f"must be a file name ending in .json, not {value!r}")
+        kwargs["version_file"] = value
+    if "box_id" in raw:
+        if not isinstance(raw["box_id"], str) or not raw["box_id"].strip():
+            raise _fail(path, "box_id", "must be a non-empty string")
+        kwargs["box_id"] = raw["box_id"].strip()
+    else:
+        kwargs["box_id"] = _machine_id()
+    if "installer" in raw:
+        if raw["installer"] not in ("dpkg", "apt"):
+            raise _fail(path, "installer", f'must be "dpkg" or "apt", not {raw["installer"]!r}')
+        kwargs["installer"] = raw["installer"]
+    if "timeouts" in raw:
+        kwargs["timeouts"] = _timeouts(path, raw["timeouts"])
+    for key in ("max_package_bytes", "max_unpacked_bytes"):
+        if key in raw:
+            kwargs[key] = _positive_int(path, key, raw[key])
+    if raw.get("ca_bundle") is not None:
+        value = raw["ca_bundle"]
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise _fail(path, "ca_bundle", f"must be an absolute path or null, not {value!r}")
+        kwargs["ca_bundle"] = Path(value)
+    if raw.get("report_url") is not None:
+        kwargs["report_url"] = _http_url(path, "report_url", raw["report_url"])
+    kwargs["unknown_keys"] = tuple(sorted(k for k in raw if k not in _KNOWN_KEYS))
+    return Config(**kwargs)
+
+
+def load_config(path: Path = DEFAULT_CONFIG_PATH) -> Config:
+    """Read and validate the config file; unknown keys are logged as a warning."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file (create it, or run 'dpkg-reconfigure opq-box-updater')"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    config = parse_config(data, path)
+    for key in config.unknown_keys:
+        logger.warning("%s: unknown key '%s' ignored", path, key)
+    return config

@@ -1,0 +1,1 @@
+"""The server side: keys, package building, signing, publishing and a development server."""
