@@ -7,7 +7,6 @@ line the CLI prints is enough for an operator to fix it.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,6 @@ from urllib.parse import urlsplit
 from .errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/opq/updater_config.json")
-
-logger = logging.getLogger(__name__)
 
 GIB = 1024**3
 
@@ -163,7 +160,7 @@ def parse_config(data: bytes, path: Path = DEFAULT_CONFIG_PATH) -> Config:
 
 
 def load_config(path: Path = DEFAULT_CONFIG_PATH) -> Config:
-    """Read and validate the config file; unknown keys are logged as a warning."""
+    """Read and validate the config file; the caller warns about ``unknown_keys``."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -172,7 +169,4 @@ def load_config(path: Path = DEFAULT_CONFIG_PATH) -> Config:
         ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    config = parse_config(data, path)
-    for key in config.unknown_keys:
-        logger.warning("%s: unknown key '%s' ignored", path, key)
-    return config
+    return parse_config(data, path)

@@ -1,0 +1,205 @@
+"""``opq-box-updater``: argument parsing, logging setup and the one exception-to-exit-code map.
+
+Every error ends as one line on stderr saying what failed and what to do; tracebacks only
+with ``-v``. Exit codes are a contract (DESIGN 3.6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import DEFAULT_CONFIG_PATH, Config, load_config
+from .errors import (
+    ApplyError,
+    ConfigError,
+    DownloadError,
+    LockError,
+    RepositoryError,
+    UpdaterError,
+)
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_CONFIG = 2
+EXIT_REFUSED = 3
+EXIT_NETWORK = 4
+EXIT_APPLY_FAILED = 5
+EXIT_LOCKED = 6
+EXIT_UPDATE_AVAILABLE = 100
+
+#: The one place that maps errors to exit codes; the first matching class wins.
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (ConfigError, EXIT_CONFIG),
+    (LockError, EXIT_LOCKED),
+    (RepositoryError, EXIT_REFUSED),
+    (DownloadError, EXIT_NETWORK),
+    (ApplyError, EXIT_APPLY_FAILED),
+    (UpdaterError, EXIT_UNEXPECTED),
+)
+
+logger = logging.getLogger("opq_box_updater")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def exit_code_for(exc: BaseException) -> int:
+    for kind, code in EXIT_CODES:
+        if isinstance(exc, kind):
+            return code
+    return EXIT_UNEXPECTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opq-box-updater",
+        description="Securely update this OPQ Box from the operators' signed repository.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
+                        help=f"configuration file (default {DEFAULT_CONFIG_PATH})")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true",
+                       help="debug output and tracebacks on stderr")
+    noise.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="check for an update and apply it")
+    run.add_argument("--random-delay", type=float, default=0, metavar="SECONDS",
+                     help="first wait a random time up to SECONDS (spreads a fleet's cron runs)")
+    run.add_argument("--force", action="store_true",
+                     help="retry a release that failed before")
+    run.add_argument("--dry-run", action="store_true",
+                     help="say what would be downloaded and applied; change nothing")
+    sub.add_parser("check", help="verify only; exit 100 when an update is available")
+    status = sub.add_parser("status", help="show the installed version and the last run")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+class _StderrFilter(logging.Filter):
+    """Unknown-config-key warnings go to the log file only, unless -v (DESIGN 3.5)."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.verbose or not getattr(record, "log_file_only", False)
+
+
+def setup_logging(verbose: bool, quiet: bool) -> None:
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(_StderrFilter(verbose))
+    logger.addHandler(handler)
+
+
+def add_log_file(path: Path) -> None:
+    """Log to the config's log file; an unwritable log is a warning, never a failed run."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        logger.warning("cannot write the log file %s (%s); logging to stderr only", path,
+                       exc.strerror)
+        return
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logger.addHandler(handler)
+
+
+def _status(config: Config, as_json: bool) -> int:
+    from .state import Store
+
+    store = Store(config.state_dir)
+    state = store.load() if store.state_path.exists() else None
+    last = store.load_last_run()
+    roots = store.stored_roots()
+    info: dict[str, Any] = {
+        "installed_version": state.installed_version if state else 0,
+        "root_version": max(roots) if roots else None,
+        "last_run": last.get("last_run"),
+        "last_result": last.get("last_result"),
+        "last_message": last.get("last_message"),
+        "failed_versions": list(state.failed_versions) if state else [],
+        "applied_packages": dict(state.applied_packages) if state else {},
+        "unrestored_packages": list(state.unrestored) if state else [],
+        "phase": state.journal.phase if state else "idle",
+        "box_id": config.box_id,
+        "server_url": config.server_url,
+        "version_file": config.version_file,
+    }
+    if as_json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return EXIT_OK
+    rows = [
+        ("installed version", info["installed_version"]),
+        ("root version", info["root_version"] or "none yet"),
+        ("last run", info["last_run"] or "never"),
+        ("last result", info["last_result"] or "-"),
+        ("last message", info["last_message"] or "-"),
+        ("failed versions", ", ".join(map(str, info["failed_versions"])) or "none"),
+        ("applied packages", ", ".join(f"{k}={v}" for k, v in
+                                       sorted(info["applied_packages"].items())) or "none"),
+        ("server", f"{config.server_url} ({config.version_file})"),
+        ("box id", config.box_id or "unknown"),
+    ]
+    if info["unrestored_packages"]:
+        rows.append(("NOT RESTORED", ", ".join(info["unrestored_packages"])))
+    if info["phase"] != "idle":
+        rows.append(("interrupted", f"{info['phase']} (recovered on the next run)"))
+    for label, value in rows:
+        print(f"{label + ':':<18} {value}")
+    return EXIT_OK
+
+
+def _run(config: Config, args: argparse.Namespace) -> int:
+    from .updater import Updater
+
+    updater = Updater(config)
+    if args.command == "check":
+        outcome = updater.run(check_only=True)
+        print(outcome.message)
+        return EXIT_UPDATE_AVAILABLE if outcome.update_available else EXIT_OK
+    outcome = updater.run(force=args.force, dry_run=args.dry_run,
+                          random_delay=args.random_delay)
+    logger.info("%s", outcome.message)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    try:
+        config = load_config(args.config)
+        if args.command == "status":
+            return _status(config, args.json)
+        add_log_file(config.log_file)
+        for key in config.unknown_keys:
+            logger.warning("%s: unknown key '%s' ignored", config.path, key,
+                           extra={"log_file_only": True})
+        logger.debug("opq-box-updater %s: %s", __version__, args.command)
+        return _run(config, args)
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 130
+    except Exception as exc:
+        code = exit_code_for(exc)
+        if isinstance(exc, UpdaterError):
+            logger.error("error: %s", exc, exc_info=args.verbose)
+        else:
+            hint = "" if args.verbose else " (run again with -v for a traceback)"
+            logger.error("unexpected error: %s: %s%s", type(exc).__name__, exc, hint,
+                         exc_info=args.verbose)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
