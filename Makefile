@@ -12,7 +12,7 @@ DEB_BUILD_DEBS := debhelper dh-python python3-all po-debconf lintian
 INSTALL_TEST_DEBS := mmdebstrap
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: all venv test test-quick lint demo deb lintian bench clean
+.PHONY: all venv test lint demo bench clean
 
 all: test
 
