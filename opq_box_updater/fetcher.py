@@ -1,0 +1,637 @@
+"""HTTP for the box: the only module that touches the network (DESIGN 3.1 steps 2, 3 and 6).
+
+Guarantees, whatever the server does:
+
+* **Deadline.** ``timeouts.total`` seconds after a :class:`Fetcher` is built, all of its network
+  activity stops with :class:`SlowRetrievalError`. Per-read socket timeouts cannot do this (a
+  server sending one byte per second resets them forever), so a watchdog timer shuts down the
+  sockets of every connection the fetcher opened when the deadline passes; a blocked read then
+  returns at once. Every read also re-checks the clock.
+* **Bounded size.** Metadata is read to at most ``max_bytes + 1`` bytes and a package to at most
+  ``length + 1`` bytes, whatever Content-Length says or does not say; more is refused with
+  :class:`LengthOrHashMismatchError` (the "endless data" attack). Nothing is buffered whole:
+  packages stream to disk in :data:`CHUNK_SIZE` pieces and are hashed as they arrive.
+* **Honest bodies.** A body shorter than its declared Content-Length is a
+  :class:`DownloadError` (urllib3 1.26 does not check this). ``Accept-Encoding: identity`` is
+  sent and bodies are read raw: the bytes hashed are the bytes served.
+* **Resumable packages.** A partial download survives in ``<sha256>.part`` and is resumed
+  with a Range request; a package only appears as ``<sha256>.zip`` once its length and
+  SHA-256 match, after an fsync.
+
+Every failure is one line naming the URL, from the :class:`DownloadError` family (exit 4) or
+:class:`LengthOrHashMismatchError` (exit 3). This module imports only the standard library
+and requests: the no-op check must stay as cheap as ``import requests`` (DESIGN 7).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import socket
+import ssl
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar, cast
+from urllib.parse import urljoin, urlsplit
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+from . import __version__
+from .config import Timeouts, join_url
+from .errors import (
+    DownloadError,
+    DownloadHTTPError,
+    LengthOrHashMismatchError,
+    SlowRetrievalError,
+)
+
+logger = logging.getLogger(__name__)
+
+CHUNK_SIZE = 64 * 1024
+MAX_REDIRECTS = 10
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MIB = 1024 * 1024
+REPORT_DEADLINE = 30.0  # seconds; a status report is never worth holding a run
+
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+
+# Errors a request or a body read can raise; all of them mean "the transfer failed".
+_TRANSFER_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError,
+                    http.client.HTTPException, OSError)
+
+
+@dataclass(frozen=True)
+class MetadataResponse:
+    """The answer to a (conditional) metadata GET.
+
+    ``status`` is 200 (``body`` holds at most ``max_bytes`` bytes) or 304 (``body`` is None).
+    ``etag`` and ``last_modified`` are the validators to send next time; on a 304 they are the
+    server's if it repeated them, else the ones the request carried.
+    """
+
+    status: int
+    body: bytes | None
+    etag: str | None
+    last_modified: str | None
+
+
+class _StartOver(Exception):
+    """The partial file cannot be resumed (416, a wrong range, a bad prefix): delete it, retry."""
+
+
+# --- the deadline watchdog ------------------------------------------------------------------
+
+
+class _Watchdog:
+    """Knows every connection of one fetcher and shuts their sockets down at the deadline.
+
+    ``shutdown(SHUT_RDWR)`` makes a read blocked in another thread return at once (EOF or an
+    error), which is what stops a trickling server mid-header or mid-body. Callers must check
+    :meth:`expired` after every read, because an interrupted read can look like a clean EOF.
+    """
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self._fired = False
+        self._lock = threading.Lock()
+        self._conns: weakref.WeakSet[HTTPConnection] = weakref.WeakSet()
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def expired(self) -> bool:
+        return self._fired or self.remaining() <= 0
+
+    def track(self, conn: HTTPConnection) -> None:
+        """Register ``conn``; called before and after it connects (so its TLS handshake is
+        covered too). A connection registered after the deadline is shut down at once."""
+        with self._lock:
+            self._conns.add(conn)
+            fired = self._fired
+        if fired:
+            _shutdown(conn)
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        """Run the body with a timer that fires at the deadline (one timer per operation, so
+        no thread outlives a call)."""
+        timer = threading.Timer(min(max(self.remaining(), 0.0), threading.TIMEOUT_MAX),
+                                self._fire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _fire(self) -> None:
+        with self._lock:
+            self._fired = True
+            conns = list(self._conns)
+        for conn in conns:
+            _shutdown(conn)
+
+
+def _shutdown(conn: HTTPConnection) -> None:
+    sock = getattr(conn, "sock", None)
+    if isinstance(sock, socket.socket):
+        # OSError: already closed, nothing left to stop. The base-class method on purpose:
+        # ssl.SSLSocket.shutdown() drops its SSL object under the feet of a reader in another
+        # thread (AttributeError there).
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+_C = TypeVar("_C", bound=HTTPConnection)
+
+
+def _tracked(base: type[_C], watchdog: _Watchdog) -> type[_C]:
+    """A subclass of urllib3's connection class ``base`` that registers with ``watchdog``."""
+
+    def connect(self: _C) -> None:
+        watchdog.track(self)
+        base.connect(self)
+        watchdog.track(self)
+
+    return cast("type[_C]", type(f"Deadline{base.__name__}", (base,), {"connect": connect}))
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    """requests' adapter, with connection pools whose connections the watchdog can stop."""
+
+    def __init__(self, watchdog: _Watchdog) -> None:
+        # Set before super().__init__(), which calls init_poolmanager().
+        self._pool_classes = {
+            "http": type("DeadlineHTTPConnectionPool", (HTTPConnectionPool,),
+                         {"ConnectionCls": _tracked(HTTPConnection, watchdog)}),
+            "https": type("DeadlineHTTPSConnectionPool", (HTTPSConnectionPool,),
+                          {"ConnectionCls": _tracked(HTTPSConnection, watchdog)}),
+        }
+        super().__init__(max_retries=0)
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False,
+                         **pool_kwargs: Any) -> None:
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+        self.poolmanager.pool_classes_by_scheme = self._pool_classes
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        # SOCKS managers bring their own pools; there only the per-read clock check applies.
+        if not proxy.lower().startswith("socks"):
+            manager.pool_classes_by_scheme = self._pool_classes
+        return manager
+
+
+# --- the fetcher ----------------------------------------------------------------------------
+
+
+class Fetcher:
+    """Fetches metadata and packages from one repository, within one overall deadline.
+
+    The deadline is ``time.monotonic() + timeouts.total`` at construction and bounds all
+    network activity of this object; each connect and each socket read is also bounded by
+    ``timeouts.connect`` / ``timeouts.read``. Use as a context manager, or call :meth:`close`.
+    ``bytes_received`` counts the body bytes read so far (for benchmarks and logs).
+    """
+
+    def __init__(self, base_url: str, timeouts: Timeouts, *, ca_bundle: Path | None = None,
+                 progress: bool | None = None,
+                 user_agent: str = f"opq-box-updater/{__version__}") -> None:
+        self.deadline = time.monotonic() + timeouts.total
+        self.bytes_received = 0
+        self._base_url = base_url
+        self._timeouts = timeouts
+        # Passed with every request: a session-level verify would lose to REQUESTS_CA_BUNDLE.
+        self._verify: str | bool = str(ca_bundle) if ca_bundle is not None else True
+        if progress is None:
+            progress = sys.stderr is not None and sys.stderr.isatty()
+        self._progress = progress
+        self._watchdog = _Watchdog(self.deadline)
+        self._session = requests.Session()
+        self._session.headers.update({"User-Agent": user_agent, "Accept-Encoding": "identity"})
+        adapter = _DeadlineAdapter(self._watchdog)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    def close(self) -> None:
+        """Close all connections; the fetcher must not be used afterwards."""
+        self._session.close()
+
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # --- metadata ---------------------------------------------------------------------------
+
+    def fetch_metadata(self, relpath: str, max_bytes: int = 65536, *, etag: str | None = None,
+                       last_modified: str | None = None) -> MetadataResponse:
+        """GET ``relpath``, conditionally when a validator is given.
+
+        Returns a 200 with at most ``max_bytes`` bytes, or a 304. Raises
+        :class:`LengthOrHashMismatchError` when Content-Length or the body exceeds
+        ``max_bytes`` (no more than ``max_bytes + 1`` bytes are ever read),
+        :class:`DownloadHTTPError` for any other status, :class:`SlowRetrievalError` past the
+        deadline and :class:`DownloadError` for every other transfer failure, including a body
+        shorter than its Content-Length.
+        """
+        url = join_url(self._base_url, relpath)
+        headers: dict[str, str] = {}
+        if etag is not None:
+            headers["If-None-Match"] = etag
+        if last_modified is not None:
+            headers["If-Modified-Since"] = last_modified
+        with self._watchdog.armed(), self._get(url, headers) as resp:
+            if resp.status_code == 304 and headers:
+                return MetadataResponse(304, None, resp.headers.get("ETag", etag),
+                                        resp.headers.get("Last-Modified", last_modified))
+            if resp.status_code != 200:
+                raise _http_error(url, resp)
+            declared = _declared_length(url, resp)
+            if declared is not None and declared > max_bytes:
+                raise LengthOrHashMismatchError(
+                    f"{url}: declares {declared} bytes, more than the limit of {max_bytes}")
+            body = bytearray()
+            while len(body) <= max_bytes:
+                chunk = self._read(url, resp, min(CHUNK_SIZE, max_bytes + 1 - len(body)))
+                if not chunk:
+                    break
+                body += chunk
+            if len(body) > max_bytes:
+                raise LengthOrHashMismatchError(
+                    f"{url}: more than {max_bytes} bytes (endless data?); refused")
+            if declared is not None and len(body) < declared:
+                raise DownloadError(
+                    f"{url}: connection closed after {len(body)} of {declared} bytes")
+            return MetadataResponse(200, bytes(body), resp.headers.get("ETag"),
+                                    resp.headers.get("Last-Modified"))
+
+    # --- packages ---------------------------------------------------------------------------
+
+    def fetch_package(self, relpath: str, dest_dir: Path, sha256: str, length: int) -> Path:
+        """Download ``relpath`` into ``dest_dir/<sha256>.zip`` and return that path.
+
+        The file exists only if its length and SHA-256 match; an existing one that matches is
+        returned without any request. The download goes to ``<sha256>.part`` and resumes it
+        when present. A transfer that ends early (:class:`DownloadError`,
+        :class:`SlowRetrievalError`) keeps the ``.part`` for the next run; a response that
+        declares or delivers more than ``length`` bytes, or wrong bytes, deletes it and raises
+        :class:`LengthOrHashMismatchError`.
+        """
+        if not _SHA256_RE.fullmatch(sha256):
+            raise ValueError(f"not a lowercase hex SHA-256: {sha256!r}")
+        if length < 0:
+            raise ValueError(f"negative package length: {length}")
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        final = dest_dir / f"{sha256}.zip"
+        part = dest_dir / f"{sha256}.part"
+        if final.exists():
+            if _file_matches(final, sha256, length):
+                logger.info("%s already downloaded and verified", final)
+                return final
+            logger.warning("%s does not match its signed hash; downloading it again", final)
+            final.unlink()
+        url = join_url(self._base_url, relpath)
+        with self._watchdog.armed():
+            try:
+                return self._download(url, part, final, sha256, length)
+            except _StartOver as why:
+                logger.warning("%s: %s; starting the download over", url, why)
+                part.unlink(missing_ok=True)
+            try:
+                return self._download(url, part, final, sha256, length)
+            except _StartOver as why:
+                raise DownloadError(f"{url}: {why}") from None
+
+    def _download(self, url: str, part: Path, final: Path, sha256: str, length: int) -> Path:
+        """One attempt: resume or start ``part``, verify, rename to ``final``. Raises
+        :class:`_StartOver` when the partial file turns out to be unusable."""
+        hasher = hashlib.sha256()
+        offset = part.stat().st_size if part.exists() else 0
+        if offset > length:
+            raise _StartOver(f"partial file has {offset} bytes, more than the {length} signed")
+        if offset:
+            _hash_file(part, hasher)
+            if offset == length:
+                # A previous run got every byte but did not rename (crash, timeout on the
+                # one-byte-past check): no request needed.
+                if hasher.hexdigest() != sha256:
+                    raise _StartOver("partial file is complete but its SHA-256 is wrong")
+                return _commit(part, final)
+            logger.info("%s: resuming at byte %d of %d", url, offset, length)
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        with self._get(url, headers) as resp:
+            if offset and resp.status_code == 416:
+                raise _StartOver("server refused to resume (416 Range Not Satisfiable)")
+            if offset and resp.status_code == 206:
+                _check_content_range(url, resp, offset, length, part)
+            elif resp.status_code == 200:
+                offset, hasher = 0, hashlib.sha256()  # no Range support: start over
+            else:
+                raise _http_error(url, resp)
+            remaining = length - offset
+            declared = _declared_length(url, resp)
+            if declared is not None and declared > remaining:
+                part.unlink(missing_ok=True)
+                raise LengthOrHashMismatchError(
+                    f"{url}: declares {declared} bytes, more than the {remaining} expected")
+            with part.open("ab" if offset else "wb") as out:
+                received = self._stream(url, resp, out, hasher, offset, length)
+                if received > remaining:
+                    out.close()
+                    part.unlink()
+                    raise LengthOrHashMismatchError(
+                        f"{url}: delivers more than the signed length of {length} bytes")
+                if declared is not None and received < declared:
+                    raise DownloadError(
+                        f"{url}: connection closed after {offset + received} of {length} bytes"
+                        " (the next run resumes)")
+                if received < remaining:
+                    raise DownloadError(
+                        f"{url}: transfer ended after {offset + received} of {length} bytes"
+                        " (the next run resumes)")
+                if hasher.hexdigest() != sha256:
+                    out.close()
+                    if offset:
+                        # The old prefix may be the bad part (a crash, an earlier broken
+                        # server): one fresh download decides.
+                        raise _StartOver("SHA-256 mismatch after resuming")
+                    part.unlink()
+                    raise LengthOrHashMismatchError(
+                        f"{url}: SHA-256 mismatch (got {hasher.hexdigest()}, signed {sha256})")
+                out.flush()
+                os.fsync(out.fileno())
+        return _commit(part, final)
+
+    def _stream(self, url: str, resp: requests.Response, out: Any, hasher: Any, offset: int,
+                length: int) -> int:
+        """Copy the body into ``out`` and ``hasher``; return the body bytes received.
+
+        Reads at most one byte past ``length - offset`` (that byte is not written), so the
+        caller can tell "exactly right" from "too long" without ever reading more.
+        """
+        limit = length - offset + 1
+        received = 0
+        bar = _Progress(length) if self._progress else None
+        try:
+            while received < limit:
+                chunk = self._read(url, resp, min(CHUNK_SIZE, limit - received))
+                if not chunk:
+                    break
+                received += len(chunk)
+                if received == limit:
+                    chunk = chunk[:-1]
+                out.write(chunk)
+                hasher.update(chunk)
+                if bar:
+                    bar.update(offset + min(received, limit - 1))
+        finally:
+            if bar:
+                bar.finish(offset + min(received, limit - 1))
+        return received
+
+    # --- status reports ---------------------------------------------------------------------
+
+    def post_json(self, url: str, payload: Mapping[str, Any]) -> None:
+        """POST ``payload`` as JSON to the absolute ``url``; the response body is not read.
+        Raises :class:`DownloadHTTPError` for a non-2xx answer (redirects are not followed)
+        and the rest of the DownloadError family like the fetches."""
+        body = json.dumps(payload, sort_keys=True).encode("utf-8")
+        with self._watchdog.armed():
+            resp = self._send(url, url, {"Content-Type": "application/json"}, "POST", body)
+            with contextlib.closing(resp):
+                if not 200 <= resp.status_code < 300:
+                    raise _http_error(url, resp)
+
+    # --- HTTP plumbing ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _get(self, url: str, headers: dict[str, str]) -> Iterator[requests.Response]:
+        """A streamed GET of ``url`` with redirects followed by hand (at most
+        :data:`MAX_REDIRECTS`, never reading a redirect's body: requests would read it whole,
+        however long); the response is closed on exit."""
+        target = url
+        for _hop in range(MAX_REDIRECTS + 1):
+            resp = self._send(url, target, headers)
+            if resp.status_code not in REDIRECT_STATUSES:
+                break
+            location = resp.headers.get("Location")
+            resp.close()
+            if not location:
+                raise DownloadError(f"{url}: redirect ({resp.status_code}) without a Location")
+            target = urljoin(target, location)
+            if urlsplit(target).scheme not in ("http", "https"):
+                raise DownloadError(f"{url}: redirected to a non-HTTP URL {target!r}")
+            logger.debug("%s: redirected to %s", url, target)
+        else:
+            raise DownloadError(f"{url}: more than {MAX_REDIRECTS} redirects (a redirect loop?)")
+        try:
+            yield resp
+        finally:
+            resp.close()
+
+    def _send(self, url: str, target: str, headers: dict[str, str], method: str = "GET",
+              data: bytes | None = None) -> requests.Response:
+        """Send one request (no redirects); translate every failure into the DownloadError
+        family."""
+        remaining = self._watchdog.remaining()
+        if remaining <= 0:
+            raise self._slow(url)
+        timeout = (min(self._timeouts.connect, remaining), min(self._timeouts.read, remaining))
+        logger.debug("%s %s %s", method, target, headers)
+        try:
+            resp = self._session.request(method, target, headers=headers, data=data,
+                                         stream=True, timeout=timeout, verify=self._verify,
+                                         allow_redirects=False)
+        except _TRANSFER_ERRORS as exc:
+            raise self._transfer_error(url, exc) from exc
+        if self._watchdog.expired():  # the watchdog may have cut the headers short
+            resp.close()
+            raise self._slow(url)
+        return resp
+
+    def _read(self, url: str, resp: requests.Response, size: int) -> bytes:
+        """Read up to ``size`` raw body bytes (b"" at the end); fails past the deadline.
+
+        Bytes that arrived before the deadline are still returned (so a package keeps them in
+        its ``.part``); the next call raises.
+        """
+        if self._watchdog.expired():
+            raise self._slow(url)
+        try:
+            data = resp.raw.read(size, decode_content=False) or b""
+        except _TRANSFER_ERRORS as exc:
+            raise self._transfer_error(url, exc) from exc
+        self.bytes_received += len(data)
+        if not data and self._watchdog.expired():  # the watchdog's shutdown looks like an EOF
+            raise self._slow(url)
+        return data
+
+    def _slow(self, url: str) -> SlowRetrievalError:
+        return SlowRetrievalError(
+            f"{url}: gave up, the overall deadline of {self._timeouts.total:g}s"
+            " (timeouts.total) passed")
+
+    def _transfer_error(self, url: str, exc: BaseException) -> DownloadError:
+        if self._watchdog.expired():
+            return self._slow(url)
+        return DownloadError(f"{url}: {_describe(exc, self._timeouts)}")
+
+
+def post_report(url: str, payload: Mapping[str, Any], timeouts: Timeouts, *,
+                ca_bundle: Path | None = None) -> bool:
+    """Send a run's result to ``report_url`` (DESIGN 3.5); best effort, it never raises.
+
+    Bounded by ``timeouts`` and at most :data:`REPORT_DEADLINE` seconds in all, so an
+    unreachable collector cannot hold the box. Returns whether the server accepted it (2xx);
+    a failure is logged as a warning and changes nothing else.
+    """
+    limits = Timeouts(connect=timeouts.connect, read=timeouts.read,
+                      total=min(timeouts.total, REPORT_DEADLINE))
+    try:
+        with Fetcher(url, limits, ca_bundle=ca_bundle, progress=False) as fetcher:
+            fetcher.post_json(url, payload)
+    except (DownloadError, TypeError, ValueError) as exc:  # TypeError: payload not JSON
+        logger.warning("status report not sent: %s", exc)
+        return False
+    return True
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _http_error(url: str, resp: requests.Response) -> DownloadHTTPError:
+    reason = " ".join(str(resp.reason or "").split())[:80]
+    return DownloadHTTPError(f"{url}: server answered HTTP {resp.status_code} {reason}".rstrip(),
+                             resp.status_code)
+
+
+def _declared_length(url: str, resp: requests.Response) -> int | None:
+    """The body length the server declared, or None (no Content-Length, or chunked, where
+    RFC 9112 says Content-Length is ignored)."""
+    if "Transfer-Encoding" in resp.headers:
+        return None
+    value = resp.headers.get("Content-Length")
+    if value is None:
+        return None
+    values = {v.strip() for v in value.split(",")}
+    if len(values) != 1 or not next(iter(values)).isdigit():
+        raise DownloadError(f"{url}: invalid Content-Length {value!r}")
+    return int(values.pop())
+
+
+def _check_content_range(url: str, resp: requests.Response, offset: int, length: int,
+                         part: Path) -> None:
+    """Accept a 206 only if it continues exactly at ``offset`` of a ``length``-byte file."""
+    header = resp.headers.get("Content-Range", "")
+    match = _CONTENT_RANGE_RE.fullmatch(header.strip())
+    if not match or int(match.group(1)) != offset:
+        raise _StartOver(f"server answered the wrong range ({header!r}, asked from {offset})")
+    total = match.group(3)
+    if total != "*" and int(total) != length:
+        part.unlink(missing_ok=True)
+        raise LengthOrHashMismatchError(
+            f"{url}: server's file has {total} bytes, the release says {length}")
+
+
+def _describe(exc: BaseException, timeouts: Timeouts) -> str:
+    """One line saying why a transfer failed, from the innermost cause that explains it."""
+    causes: list[BaseException] = []
+    todo: list[BaseException] = [exc]
+    while todo and len(causes) < 20:
+        current = todo.pop(0)
+        if any(current is seen for seen in causes):
+            continue
+        causes.append(current)
+        linked = [getattr(current, "reason", None), current.__cause__, current.__context__,
+                  *current.args]
+        todo.extend(e for e in linked if isinstance(e, BaseException))
+
+    def has(*kinds: type[BaseException]) -> BaseException | None:
+        return next((c for c in causes if isinstance(c, kinds)), None)
+
+    if (cause := has(socket.gaierror)) is not None:
+        return f"cannot resolve the host name ({cast(OSError, cause).strerror})"
+    if has(ConnectionRefusedError):
+        return "connection refused (is the server running?)"
+    if has(requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError):
+        return f"no connection within {timeouts.connect:g}s (timeouts.connect)"
+    if has(requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError, TimeoutError):
+        return f"no data for {timeouts.read:g}s (timeouts.read)"
+    if (cause := has(ssl.SSLCertVerificationError)) is not None:
+        why = cast(ssl.SSLCertVerificationError, cause).verify_message
+        return f"TLS certificate verification failed ({why}; check ca_bundle)"
+    if has(ConnectionResetError):
+        return "connection reset by the server"
+    if has(http.client.IncompleteRead, http.client.RemoteDisconnected):
+        return "the server closed the connection early"
+    text = " ".join(str(exc).split())
+    return f"transfer failed ({text[:200]})" if text else f"transfer failed ({type(exc).__name__})"
+
+
+def _hash_file(path: Path, hasher: Any) -> None:
+    with path.open("rb") as src:
+        while chunk := src.read(CHUNK_SIZE):
+            hasher.update(chunk)
+
+
+def _file_matches(path: Path, sha256: str, length: int) -> bool:
+    """True if ``path`` has exactly ``length`` bytes hashing to ``sha256``."""
+    if path.stat().st_size != length:
+        return False
+    hasher = hashlib.sha256()
+    _hash_file(path, hasher)
+    return hasher.hexdigest() == sha256
+
+
+def _commit(part: Path, final: Path) -> Path:
+    """Rename a verified ``part`` to ``final`` durably (fsync of file, rename, directory)."""
+    with part.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(part, final)
+    fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return final
+
+
+class _Progress:
+    """A one-line progress bar on stderr: ``\\r  12.3 MiB / 40.0 MiB  31%``."""
+
+    def __init__(self, total: int) -> None:
+        self._total = total
+        self._last = 0.0
+
+    def update(self, done: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < 0.2:  # a terminal cannot show more anyway
+            return
+        self._last = now
+        percent = done * 100 // self._total if self._total else 100
+        sys.stderr.write(f"\r  {done / MIB:.1f} MiB / {self._total / MIB:.1f} MiB  {percent}%")
+        sys.stderr.flush()
+
+    def finish(self, done: int) -> None:
+        self.update(done, force=True)
+        sys.stderr.write("\n")
+        sys.stderr.flush()
