@@ -1,0 +1,30 @@
+"""Fault points: places where crash tests can kill the updater with SIGKILL.
+
+A test sets ``OPQ_BOX_UPDATER_FAULT=<name>`` in the updater's environment; when the run reaches
+:func:`fault_point` with that name the process kills itself with SIGKILL, exactly like a power
+cut as far as the updater's own state is concerned (no ``finally`` blocks, no ``atexit``).
+Children it started (dpkg, hooks) are not killed: a real power cut would stop them too, which
+is what tests with a maintainer script doing ``kill -9 $PPID`` simulate.
+
+Without the variable a fault point costs one dictionary look-up.
+
+Points in use (grep for ``fault_point(`` to find them):
+
+* ``updater.py``: ``extract``, ``apply``, ``commit``, ``rollback``;
+* ``installer.py``: ``before-dpkg`` (after the journal says ``applying``, before dpkg or the
+  run script), ``after-dpkg`` (dpkg and the guarded run script are done), ``before-health``,
+  ``rollback-after-purge`` (new packages purged, old versions not yet reinstalled).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+FAULT_ENV = "OPQ_BOX_UPDATER_FAULT"
+
+
+def fault_point(name: str) -> None:
+    """Kill this process with SIGKILL when ``OPQ_BOX_UPDATER_FAULT`` equals ``name``."""
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)

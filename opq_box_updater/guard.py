@@ -1,0 +1,214 @@
+"""The run-script guard, and what dpkg says is installed.
+
+dpkg runs ``--post-invoke`` hooks even after a failed install, so the package's run script is
+never handed to dpkg bare (DESIGN 3.2). dpkg runs this module as a hook instead::
+
+    python3 -P -m opq_box_updater.guard --dpkg-root R --status-file F --workdir W \\
+        [--expect PKG=VERSION ...] [--timeout S] SCRIPT
+
+It asks dpkg-query whether every ``--expect`` package is ``install ok installed`` at exactly
+that version. Only then does it run SCRIPT (directly, so its shebang picks the interpreter;
+cwd W; ``DPKG_ROOT`` set as for every other hook), recording ``started`` and then ``finished``
+with the exit status in F, and exits with the script's status so that dpkg fails too.
+Otherwise it records ``skipped`` and exits 0: dpkg's own failure is what fails the apply.
+
+The command line is a contract between versions: an update that upgrades opq-box-updater
+itself runs the *new* guard with the arguments the *old* updater wrote.
+
+dpkg exits 2 when any ``--post-invoke`` hook fails (checked with dpkg 1.21), but the status
+file is what :mod:`opq_box_updater.installer` trusts: it tells a failed run script from a
+failed ``post-invoke.d`` hook, a script that never ran, and one cut off by a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SubprocessError
+from .runner import run, system_env
+
+#: Prefix of each dpkg-query line we print, so that its "no packages found" lines on stderr
+#: (folded into the output by the runner) can never be mistaken for data.
+_MARK = "opq-pkg"
+_QUERY_FORMAT = _MARK + "\t${Package}\t${Version}\t${Status}\n"
+
+
+@dataclass(frozen=True)
+class PackageState:
+    """One package as dpkg records it: ``status`` is dpkg's ``want flag status`` triple."""
+
+    version: str
+    status: str
+
+    @property
+    def installed(self) -> bool:
+        """True when dpkg considers the package fully installed and configured."""
+        parts = self.status.split()
+        return len(parts) == 3 and parts[1] == "ok" and parts[2] == "installed"
+
+    @property
+    def present(self) -> bool:
+        """True when anything of the package is on the system (even only its conffiles)."""
+        return not self.status.endswith(" not-installed")
+
+
+def dpkg_root_env(root: Path) -> str:
+    """``DPKG_ROOT`` as dpkg itself sets it for scripts: empty for ``/``, else the root."""
+    return "" if root == Path("/") else str(root)
+
+
+def root_options(root: Path) -> list[str]:
+    """The dpkg/dpkg-query option selecting ``root`` (nothing for ``/``)."""
+    return [] if root == Path("/") else [f"--root={root}"]
+
+
+def parse_query(output: str) -> dict[str, PackageState]:
+    """Parse the output of :func:`query_packages`' dpkg-query; lines without our mark are
+    ignored (dpkg-query's complaints about unknown packages)."""
+    states: dict[str, PackageState] = {}
+    for line in output.splitlines():
+        fields = line.split("\t")
+        if len(fields) == 4 and fields[0] == _MARK:
+            states[fields[1]] = PackageState(version=fields[2], status=fields[3])
+    return states
+
+
+def query_packages(root: Path, names: Iterable[str]) -> dict[str, PackageState]:
+    """What dpkg in ``root`` records for ``names``; a package dpkg does not know is absent
+    from the result. Raises :class:`SubprocessError` when dpkg-query itself fails."""
+    wanted = sorted(set(names))
+    if not wanted:
+        return {}
+    cmd = ["dpkg-query", *root_options(root), "--showformat", _QUERY_FORMAT, "--show", *wanted]
+    result = run(cmd, check=False, timeout=120)
+    # dpkg-query exits 1 when some package is unknown: that is an answer, not a failure.
+    if result.returncode not in (0, 1):
+        raise SubprocessError(f"dpkg-query exited with status {result.returncode}",
+                              result.cmd, result.returncode, result.output[-2000:])
+    return parse_query(result.output)
+
+
+def not_installed(expected: Mapping[str, str], states: Mapping[str, PackageState]) -> list[str]:
+    """Human-readable reasons why ``expected`` (package -> version) is not what dpkg has;
+    empty when every package is installed and configured at exactly its version."""
+    reasons = []
+    for name, version in sorted(expected.items()):
+        state = states.get(name)
+        if state is None or not state.present:
+            reasons.append(f"{name} is not installed")
+        elif state.version != version:
+            reasons.append(f"{name} is at {state.version}, not {version}")
+        elif not state.installed:
+            reasons.append(f"{name} {version} is '{state.status}'")
+    return reasons
+
+
+# --- the run script and its status file -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """What the status file says: ``started`` (and maybe cut off by a crash), ``finished``
+    with ``returncode`` (None: it could not be run or timed out), or ``skipped``."""
+
+    state: str
+    returncode: int | None = None
+    detail: str = ""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "finished" and self.returncode == 0
+
+
+def write_status(path: Path, status: RunStatus) -> None:
+    """Write ``status`` atomically (temp file, fsync, rename): a crash leaves the old or the
+    new status, never a torn one."""
+    tmp = path.with_name(path.name + ".tmp")
+    data = json.dumps({"state": status.state, "returncode": status.returncode,
+                       "detail": status.detail}).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_status(path: Path) -> RunStatus | None:
+    """The recorded status, or None when there is none (or it is unreadable)."""
+    try:
+        raw = json.loads(path.read_bytes())
+        returncode = raw["returncode"]
+        return RunStatus(state=str(raw["state"]),
+                         returncode=returncode if isinstance(returncode, int) else None,
+                         detail=str(raw.get("detail", "")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def run_recorded(script: Path, *, workdir: Path, dpkg_root: Path, status_file: Path,
+                 timeout: float, extra_env: dict[str, str] | None = None) -> RunStatus:
+    """Run ``script`` with cwd ``workdir``, recording ``started`` before and ``finished``
+    after in ``status_file``; its output is returned in ``detail`` (the tail)."""
+    write_status(status_file, RunStatus("started"))
+    env = system_env({**(extra_env or {}), "DPKG_ROOT": dpkg_root_env(dpkg_root)})
+    try:
+        result = run([script], cwd=workdir, env=env, timeout=timeout, check=False)
+        status = RunStatus("finished", result.returncode, result.output[-4000:])
+    except SubprocessError as exc:  # cannot exec (shebang, mode) or timed out
+        status = RunStatus("finished", None, f"{exc}\n{exc.output_tail}")
+    write_status(status_file, status)
+    return status
+
+
+def _expectations(values: Sequence[str]) -> dict[str, str]:
+    expected = {}
+    for value in values:
+        name, sep, version = value.partition("=")
+        if not sep or not name or not version:
+            raise SystemExit(f"opq-box-updater guard: bad --expect {value!r} (want PKG=VERSION)")
+        expected[name] = version
+    return expected
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the guard; returns the exit status for dpkg."""
+    parser = argparse.ArgumentParser(prog="python3 -m opq_box_updater.guard")
+    parser.add_argument("--dpkg-root", type=Path, default=Path("/"))
+    parser.add_argument("--status-file", type=Path, required=True)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--expect", action="append", default=[], metavar="PKG=VERSION")
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("script", type=Path)
+    args = parser.parse_args(argv)
+    expected = _expectations(args.expect)
+    try:
+        reasons = not_installed(expected, query_packages(args.dpkg_root, expected))
+    except SubprocessError as exc:
+        reasons = [str(exc)]
+    if reasons:
+        detail = "; ".join(reasons)
+        write_status(args.status_file, RunStatus("skipped", None, detail))
+        print(f"opq-box-updater guard: not running {args.script.name}: {detail}", flush=True)
+        return 0
+    print(f"opq-box-updater guard: running {args.script}", flush=True)
+    status = run_recorded(args.script, workdir=args.workdir, dpkg_root=args.dpkg_root,
+                          status_file=args.status_file, timeout=args.timeout)
+    # The script's output goes to dpkg's output, which the updater logs.
+    sys.stdout.write(status.detail)
+    if status.succeeded:
+        return 0
+    print(f"opq-box-updater guard: {args.script.name} failed "
+          f"(exit status {status.returncode})", flush=True)
+    return status.returncode if status.returncode and 0 < status.returncode < 256 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
