@@ -1,0 +1,191 @@
+"""Building update packages (DESIGN 2.4) and checking them before they are published.
+
+:func:`build_package` is deterministic: the same inputs give the same bytes, hence the same
+``packages/<sha256>.zip`` name (fixed timestamps and modes, ``manifest.json`` first, the other
+members sorted by name). Files are streamed into the zip, so memory does not grow with their
+size. :func:`inspect_package` applies the box's rules (3.3 and the manifest) to a zip, so that
+a package boxes would refuse is refused here, before anything is signed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import stat
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import FormatError, UnsafePackageError
+from ..metadata import parse_json
+from ..package import MANIFEST_FORMAT, MANIFEST_NAME, MAX_MEMBERS, Manifest
+from .common import CHUNK, PublishError, atomic_file
+
+#: A member name boxes accept: a plain file name (Debian file names use ``+ ~ . _ %``).
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~%-]{0,199}")
+_FIXED_TIME = (1980, 1, 1, 0, 0, 0)
+_DEB_MAGIC = b"!<arch>\n"
+_MANIFEST_KEYS = ("format", "version", "debs", "run", "healthcheck")
+
+
+def build_package(out: Path, *, version: int, debs: Sequence[Path] = (),
+                  run: Path | None = None, healthcheck: Path | None = None) -> Manifest:
+    """Write a package zip to ``out`` (atomically) and return its manifest.
+
+    Every file is stored under its basename; debs keep the given order in the manifest.
+    Refuses (:class:`PublishError`) a version below 1, a package with neither debs nor a run
+    script, a missing file, a ``.deb`` that is not an ar archive, and clashing names.
+    """
+    if type(version) is not int or version < 1:
+        raise PublishError(f"--version must be a positive integer, not {version!r}")
+    if not debs and run is None:
+        raise PublishError("a package needs at least one --deb or a --run script")
+    for deb in debs:
+        _check_deb_file(deb)
+    files: dict[str, Path] = {}
+    for path in (*debs, *(p for p in (run, healthcheck) if p is not None)):
+        _check_regular_file(path)
+        name = path.name
+        if not SAFE_NAME.fullmatch(name) or name == MANIFEST_NAME:
+            raise PublishError(f"{path}: {name!r} cannot be a package member name (use "
+                               "letters, digits and . _ + ~ - only, not starting with a dot)")
+        if name in files:
+            raise PublishError(f"two files are named {name!r} ({files[name]} and {path})")
+        files[name] = path
+    manifest = Manifest(MANIFEST_FORMAT, version, tuple(d.name for d in debs),
+                        run.name if run else None, healthcheck.name if healthcheck else None)
+    out = out.absolute()
+    if not out.parent.is_dir():
+        raise PublishError(f"{out.parent} is not a directory")
+    with atomic_file(out) as handle, zipfile.ZipFile(handle, "w") as zf:
+        _write_member(zf, MANIFEST_NAME, manifest_bytes(manifest), 0o644)
+        for name in sorted(files):
+            mode = 0o644 if name.endswith(".deb") else 0o755
+            _stream_member(zf, name, files[name], mode)
+    return manifest
+
+
+def manifest_bytes(manifest: Manifest) -> bytes:
+    """``manifest.json`` as the builder writes it (sorted keys, one trailing newline)."""
+    doc = {"format": manifest.format, "version": manifest.version, "debs": list(manifest.debs),
+           "run": manifest.run, "healthcheck": manifest.healthcheck}
+    return (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode("utf-8")
+
+
+def _check_regular_file(path: Path) -> None:
+    if not path.is_file():
+        raise PublishError(f"{path}: no such file")
+
+
+def _check_deb_file(path: Path) -> None:
+    _check_regular_file(path)
+    if path.suffix != ".deb":
+        raise PublishError(f"{path}: a Debian package must end in .deb")
+    with path.open("rb") as handle:
+        if handle.read(len(_DEB_MAGIC)) != _DEB_MAGIC:
+            raise PublishError(f"{path}: not a Debian package (no ar archive header)")
+
+
+def _zipinfo(name: str, mode: int, size: int) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=_FIXED_TIME)
+    info.create_system = 3  # unix, so external_attr carries a regular-file mode
+    info.external_attr = (stat.S_IFREG | mode) << 16
+    # .deb files are compressed already: deflating them again costs time and gains nothing.
+    info.compress_type = zipfile.ZIP_STORED if name.endswith(".deb") else zipfile.ZIP_DEFLATED
+    info.file_size = size  # lets zipfile choose zip64 up front for members over 2 GiB
+    return info
+
+
+def _write_member(zf: zipfile.ZipFile, name: str, data: bytes, mode: int) -> None:
+    with zf.open(_zipinfo(name, mode, len(data)), "w") as dst:
+        dst.write(data)
+
+
+def _stream_member(zf: zipfile.ZipFile, name: str, path: Path, mode: int) -> None:
+    size = path.stat().st_size
+    with path.open("rb") as src, zf.open(_zipinfo(name, mode, size), "w") as dst:
+        shutil.copyfileobj(src, dst, CHUNK)
+
+
+# --- checking a package --------------------------------------------------------------------
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """Validate ``manifest.json`` (DESIGN 2.4); :class:`UnsafePackageError` when invalid."""
+    try:
+        doc = parse_json(data)
+    except FormatError as exc:
+        raise UnsafePackageError(f"{MANIFEST_NAME}: {exc}") from None
+    if not isinstance(doc, dict) or set(doc) != set(_MANIFEST_KEYS):
+        raise UnsafePackageError(f"{MANIFEST_NAME} must be an object with exactly the keys "
+                                 f"{', '.join(_MANIFEST_KEYS)}")
+    fmt, version, debs = doc["format"], doc["version"], doc["debs"]
+    if type(fmt) is not int or fmt != MANIFEST_FORMAT:
+        raise UnsafePackageError(f"{MANIFEST_NAME}: unknown format {fmt!r}")
+    if type(version) is not int or version < 1:
+        raise UnsafePackageError(f"{MANIFEST_NAME}: version must be a positive integer")
+    if not isinstance(debs, list) or not all(isinstance(d, str) for d in debs):
+        raise UnsafePackageError(f"{MANIFEST_NAME}: debs must be a list of file names")
+    for deb in debs:
+        if not SAFE_NAME.fullmatch(deb) or not deb.endswith(".deb"):
+            raise UnsafePackageError(f"{MANIFEST_NAME}: {deb!r} is not a .deb file name")
+    if len(set(debs)) != len(debs):
+        raise UnsafePackageError(f"{MANIFEST_NAME}: a deb is listed twice")
+    scripts: dict[str, str | None] = {}
+    for key in ("run", "healthcheck"):
+        value: Any = doc[key]
+        if value is not None and (not isinstance(value, str) or not SAFE_NAME.fullmatch(value)
+                                  or value == MANIFEST_NAME):
+            raise UnsafePackageError(f"{MANIFEST_NAME}: {key} must be a file name or null")
+        scripts[key] = value
+    if not debs and scripts["run"] is None:
+        raise UnsafePackageError(f"{MANIFEST_NAME}: a package needs debs or a run script")
+    return Manifest(fmt, version, tuple(debs), scripts["run"], scripts["healthcheck"])
+
+
+def _check_member(info: zipfile.ZipInfo) -> None:
+    name = info.filename
+    parts = name.rstrip("/").split("/")
+    if not name or name.startswith("/") or "\\" in name or "\x00" in name or ".." in parts:
+        raise UnsafePackageError(f"unsafe member name {name!r}")
+    # The box refuses encrypted members and any method but stored/deflated (bounded
+    # decompressors), so a package using them would fail on every box.
+    if info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED,
+                                                          zipfile.ZIP_DEFLATED):
+        raise UnsafePackageError(f"member {name!r} is encrypted or not stored/deflated")
+    kind = stat.S_IFMT(info.external_attr >> 16)
+    if info.create_system == 3 and kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+        raise UnsafePackageError(f"member {name!r} is not a regular file or directory")
+
+
+def inspect_package(path: Path) -> Manifest:
+    """Check a package the way a box will (DESIGN 2.4, 3.3) and return its manifest.
+
+    Refuses (:class:`UnsafePackageError`) a file that is not a zip, more than
+    ``MAX_MEMBERS`` members, unsafe or repeated names, links and devices, a missing or
+    invalid manifest, and files the manifest names but the zip lacks. Only the central
+    directory and the manifest are read, so this is cheap for large packages.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            if len(infos) > MAX_MEMBERS:
+                raise UnsafePackageError(f"{len(infos)} members, more than {MAX_MEMBERS}")
+            names: set[str] = set()
+            for info in infos:
+                _check_member(info)
+                if info.filename in names:
+                    raise UnsafePackageError(f"member {info.filename!r} appears twice")
+                names.add(info.filename)
+            if MANIFEST_NAME not in names:
+                raise UnsafePackageError(f"no {MANIFEST_NAME}")
+            manifest = parse_manifest(zf.read(MANIFEST_NAME))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
+        raise UnsafePackageError(f"{path.name}: not a readable zip ({exc})") from None
+    wanted = [*manifest.debs, *(n for n in (manifest.run, manifest.healthcheck) if n)]
+    for name in wanted:
+        if name not in names:
+            raise UnsafePackageError(f"{MANIFEST_NAME} names {name!r}, which is not in the zip")
+    return manifest

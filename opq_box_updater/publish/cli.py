@@ -1,0 +1,289 @@
+"""``opq-box-publish``: argument parsing, output and exit codes — nothing else.
+
+Exit codes: 0 ok; 1 unexpected error; 2 usage or configuration error (including anything
+the operator asked for that cannot be done, :class:`~.common.PublishError`); 3 verification
+failed (``verify``, or a repository whose own root chain does not verify). Errors are one
+line on stderr; tracebacks only with ``-v``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+
+from .. import __version__
+from ..errors import ConfigError, RepositoryError
+from ..metadata import format_time
+from . import build, keys, repo, serve, verify
+from .common import (
+    DEFAULT_RELEASE_EXPIRES,
+    DEFAULT_ROOT_EXPIRES,
+    PublishError,
+    parse_duration,
+    sha256_file,
+)
+
+PROG = "opq-box-publish"
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 3
+
+logger = logging.getLogger("opq_box_updater")
+
+
+def _out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _expires(text: str) -> timedelta:
+    try:
+        return parse_duration(text)
+    except PublishError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _percent(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 100:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 100, not {text!r}")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return int(text)
+
+
+def _passphrase(args: argparse.Namespace) -> bytes | None:
+    return keys.read_passphrase(args.passphrase_file)
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    result = repo.init_repo(
+        args.repo, args.keys, root_keys=args.root_keys, root_threshold=args.root_threshold,
+        release_keys=args.release_keys, release_threshold=args.release_threshold,
+        expires=args.expires or DEFAULT_ROOT_EXPIRES, passphrase=_passphrase(args))
+    root = result.root
+    _out(f"created repository {args.repo.absolute()}")
+    _out(f"trust anchor: {result.trust_anchor} (root v1, expires {format_time(root.expires)})")
+    _out("  install this file on every box as trust_root "
+         "(/usr/share/opq-box-updater/root.json)")
+    for name, ids in (("root", result.root_keyids), ("release", result.release_keyids)):
+        _out(f"{name} keys (threshold {root.role(name).threshold}): {' '.join(ids)}")
+    _out(f"private keys: {args.keys.absolute()} (mode 0600): keep them off the web server "
+         "and back them up")
+    return EXIT_OK
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    manifest = build.build_package(args.out, version=args.version, debs=args.deb or (),
+                                   run=args.run, healthcheck=args.healthcheck)
+    sha, length = sha256_file(args.out)
+    _out(f"built {args.out}: version {manifest.version}, debs [{', '.join(manifest.debs)}], "
+         f"run {manifest.run}, healthcheck {manifest.healthcheck}; {length} bytes, "
+         f"sha256 {sha}")
+    return EXIT_OK
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    release = repo.publish_release(
+        args.repo, args.keys, args.package, expires=args.expires or DEFAULT_RELEASE_EXPIRES,
+        rollout=args.rollout, version_file=args.version_file, notes=args.notes,
+        force=args.force, passphrase=_passphrase(args))
+    _out(f"published release v{release.version} in {args.version_file}: "
+         f"{release.package.path} ({release.package.length} bytes), rollout "
+         f"{release.rollout_percent}%, expires {format_time(release.expires)}")
+    return EXIT_OK
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    release = repo.refresh_release(
+        args.repo, args.keys, expires=args.expires or DEFAULT_RELEASE_EXPIRES,
+        version_file=args.version_file, rollout=args.rollout, passphrase=_passphrase(args))
+    _out(f"re-signed {args.version_file}: release v{release.version}, issued "
+         f"{format_time(release.issued)}, expires {format_time(release.expires)}, rollout "
+         f"{release.rollout_percent}%")
+    return EXIT_OK
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    result = repo.rotate_role(
+        args.repo, args.keys, args.role, add=args.add or (), remove=args.remove or (),
+        threshold=args.threshold, expires=args.expires or DEFAULT_ROOT_EXPIRES,
+        passphrase=_passphrase(args))
+    root = result.root
+    role = root.role(args.role)
+    _out(f"wrote root/{root.version}.root.json (expires {format_time(root.expires)})")
+    _out(f"{args.role} keys (threshold {role.threshold}): {' '.join(role.keyids)}")
+    for keyid in result.generated:
+        _out(f"generated {args.role} key {keyid} in {args.keys}")
+    if result.resigned:
+        _out(f"re-signed for root v{root.version}: {', '.join(result.resigned)}")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    report = verify.verify_repo(args.repo, args.trust_root)
+    for warning in report.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    for problem in report.problems:
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+    if not report.ok:
+        return EXIT_VERIFY
+    newest = report.roots[-1]
+    _out(f"ok: root chain v{report.roots[0].version}..v{newest.version}, expires "
+         f"{format_time(newest.expires)}")
+    for name, release in report.releases.items():
+        _out(f"ok: {name}: release v{release.version}, {release.package.path}, rollout "
+             f"{release.rollout_percent}%, expires {format_time(release.expires)}")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    serve.serve(args.repo, args.bind, args.port)
+    return EXIT_OK
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    sys.stdout.write(serve.format_fleet(serve.fleet_rows(args.repo)))
+    return EXIT_OK
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show details and tracebacks")
+    signing = argparse.ArgumentParser(add_help=False)
+    signing.add_argument("--keys", type=Path, required=True, metavar="KEYDIR",
+                         help="directory of private keys (never inside REPO)")
+    signing.add_argument("--passphrase-file", type=Path, metavar="FILE",
+                         help="passphrase of the keys (default: $OPQ_PUBLISH_PASSPHRASE)")
+
+    parser = argparse.ArgumentParser(prog=PROG, parents=[common],
+                                     description="Sign and publish OPQ Box updates.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], text: str,
+            *, signs: bool = False) -> argparse.ArgumentParser:
+        parents = [common, signing] if signs else [common]
+        p = sub.add_parser(name, parents=parents, help=text, description=text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("init", cmd_init, "create a repository, its first root and keys", signs=True)
+    p.add_argument("repo", type=Path, metavar="REPO")
+    p.add_argument("--root-keys", type=_positive, default=1, metavar="N")
+    p.add_argument("--root-threshold", type=_positive, default=1, metavar="T")
+    p.add_argument("--release-keys", type=_positive, default=1, metavar="N")
+    p.add_argument("--release-threshold", type=_positive, default=1, metavar="T")
+    p.add_argument("--expires", type=_expires, metavar="DURATION",
+                   help="root lifetime such as 2y (default) or 400d")
+
+    p = add("build", cmd_build, "build an update package zip")
+    p.add_argument("out", type=Path, metavar="OUT.zip")
+    p.add_argument("--deb", type=Path, action="append", metavar="X.deb",
+                   help="a Debian package (repeat; applied in this order)")
+    p.add_argument("--run", type=Path, metavar="SCRIPT", help="run script (update.sh)")
+    p.add_argument("--healthcheck", type=Path, metavar="SCRIPT")
+    p.add_argument("--version", type=_positive, required=True, metavar="V",
+                   help="release number (an integer that only grows)")
+
+    p = add("release", cmd_release, "sign and publish a package", signs=True)
+    p.add_argument("repo", type=Path, metavar="REPO")
+    p.add_argument("package", type=Path, metavar="PACKAGE.zip")
+    p.add_argument("--expires", type=_expires, metavar="DURATION", help="default 30d")
+    p.add_argument("--rollout", type=_percent, default=100, metavar="PERCENT")
+    p.add_argument("--version-file", default=repo.DEFAULT_VERSION_FILE, metavar="F")
+    p.add_argument("--notes", default="", metavar="TEXT")
+    p.add_argument("--force", action="store_true",
+                   help="publish even when the version is not newer than the current one")
+
+    p = add("refresh", cmd_refresh, "re-sign the current release with a later expiry",
+            signs=True)
+    p.add_argument("repo", type=Path, metavar="REPO")
+    p.add_argument("--expires", type=_expires, metavar="DURATION", help="default 30d")
+    p.add_argument("--version-file", default=repo.DEFAULT_VERSION_FILE, metavar="F")
+    p.add_argument("--rollout", type=_percent, metavar="PERCENT",
+                   help="change the rollout percentage (default: keep)")
+
+    p = add("rotate", cmd_rotate, "write the next root with changed keys", signs=True)
+    p.epilog = ("Without --add, --remove or --threshold every key of the role is replaced by a "
+                "new one. A role left with fewer keys than its threshold gets new keys "
+                "generated into KEYDIR. Version files are re-signed for the new root. Keys "
+                "removed from the root stay in KEYDIR: delete or archive them yourself.")
+    p.add_argument("repo", type=Path, metavar="REPO")
+    p.add_argument("--role", choices=("root", "release"), required=True)
+    p.add_argument("--add", action="append", metavar="PUBKEY",
+                   help="hex public key or .pub/.pem file (repeatable)")
+    p.add_argument("--remove", action="append", metavar="KEYID",
+                   help="keyid or unique prefix of at least 8 digits (repeatable)")
+    p.add_argument("--threshold", type=_positive, metavar="T")
+    p.add_argument("--expires", type=_expires, metavar="DURATION",
+                   help="lifetime of the new root (default 2y)")
+
+    p = add("verify", cmd_verify, "verify a whole repository as a box would")
+    p.add_argument("repo", type=Path, metavar="REPO")
+    p.add_argument("--trust-root", type=Path, metavar="FILE",
+                   help="trust anchor (default REPO/root/1.root.json)")
+
+    p = add("serve", cmd_serve, "development HTTP server (ETag, Range, POST /report)")
+    p.add_argument("repo", type=Path, metavar="REPO")
+    p.add_argument("--bind", default="127.0.0.1", metavar="ADDRESS")
+    p.add_argument("--port", type=int, default=serve.DEFAULT_PORT, metavar="PORT",
+                   help="0 picks a free port (printed on the first line)")
+
+    p = add("fleet", cmd_fleet, "table of boxes from the reports serve received")
+    p.add_argument("repo", type=Path, metavar="REPO")
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    logging.addLevelName(logging.WARNING, "warning")
+    logging.addLevelName(logging.INFO, "info")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return its exit code (the console script exits with it)."""
+    args = build_parser().parse_args(argv)
+    verbose = bool(getattr(args, "verbose", False))
+    _setup_logging(verbose)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_UNEXPECTED
+    except Exception as exc:  # the one place where errors become exit codes
+        code, text = _classify(exc, verbose)
+        if verbose:
+            traceback.print_exc()
+        print(f"{PROG}: error: {text}", file=sys.stderr)
+        return code
+
+
+def _classify(exc: Exception, verbose: bool) -> tuple[int, str]:
+    if isinstance(exc, ConfigError):  # PublishError included
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, RepositoryError):
+        return EXIT_VERIFY, f"verification failed: {exc}"
+    if isinstance(exc, OSError):
+        return EXIT_UNEXPECTED, str(exc)
+    text = f"unexpected {type(exc).__name__}: {exc}"
+    return EXIT_UNEXPECTED, text if verbose else text + " (run with -v for the traceback)"
+
+if __name__ == "__main__":
+    sys.exit(main())

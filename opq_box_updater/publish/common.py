@@ -1,0 +1,113 @@
+"""What every publishing step shares: its error type, the clock, durations and safe file writes.
+
+Files in a repository are only ever replaced whole: a temp file in the same directory (a
+dotfile, so ``serve`` never shows it half-written), fsync, ``os.replace``, fsync of the
+directory (python-tuf's ``_persist_metadata``). A box or a web server therefore sees either
+the old file or the new one, never a mix, even across a power cut.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import ConfigError
+
+CHUNK = 1024 * 1024
+WARN_WITHIN = timedelta(days=7)
+DEFAULT_ROOT_EXPIRES = timedelta(days=730)
+DEFAULT_RELEASE_EXPIRES = timedelta(days=30)
+
+
+class PublishError(ConfigError):
+    """The operator asked for something that cannot be done as asked (exit 2).
+
+    The message says what to do instead. Verification failures of a repository's content
+    are :class:`~opq_box_updater.errors.RepositoryError` (exit 3), as on the box.
+    """
+
+
+def utcnow() -> datetime:
+    """The current UTC time in whole seconds (repository times have no fractions)."""
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def normalize_now(now: datetime | None) -> datetime:
+    """``now`` as an aware UTC datetime in whole seconds; the real clock when ``None``."""
+    if now is None:
+        return utcnow()
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    return now.astimezone(UTC).replace(microsecond=0)
+
+
+_DURATION = re.compile(r"(\d+)([smhdwy])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse ``30d``, ``12h``, ``2y``, ``1w``, ``90m``, ``45s`` (y = 365 days)."""
+    match = _DURATION.fullmatch(text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise PublishError(f"bad duration {text!r}: use a positive number and one of "
+                           "s, m, h, d, w, y (for example 30d or 2y)")
+    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or file creation in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Yield a temp file next to ``path``; on a clean exit it replaces ``path`` atomically.
+
+    On an exception the temp file is removed and ``path`` is untouched.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` atomically and durably."""
+    with atomic_file(path, mode) as handle:
+        handle.write(data)
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    """(hex sha256, length) of a file, streamed: memory does not grow with its size."""
+    digest = hashlib.sha256()
+    length = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+            length += len(chunk)
+    return digest.hexdigest(), length
+
+
+def is_within(child: Path, parent: Path) -> bool:
+    """True when ``child`` is ``parent`` or below it, after resolving symlinks."""
+    return child.resolve().is_relative_to(parent.resolve())

@@ -1,0 +1,522 @@
+"""Creating and changing a repository: init, release, refresh and key rotation.
+
+Every function here is what the CLI command of the same name does, callable from tests and
+the demo with an injected ``now``. Guarantees shared by all of them:
+
+* Every document is checked with the box's own verifier (:mod:`opq_box_updater.metadata`)
+  before it is written: what this module writes, a box accepts.
+* Files are replaced atomically (:func:`.common.atomic_write`); a package is in place
+  before the version file that names it, and a new root before the version files that name it.
+* Nothing secret is written into the repository; KEYDIR may not be inside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ..errors import FormatError, RepositoryError, UnsafePackageError
+from ..metadata import (
+    ROLES,
+    SPEC_VERSION,
+    Floors,
+    PackageRef,
+    Release,
+    Root,
+    check_root_fresh,
+    format_time,
+    keyid_of,
+    make_envelope,
+    parse_envelope,
+    parse_release,
+    parse_root,
+    verify_next_root,
+    verify_release,
+    verify_role,
+    verify_trust_anchor,
+)
+from .build import inspect_package
+from .common import (
+    CHUNK,
+    DEFAULT_RELEASE_EXPIRES,
+    DEFAULT_ROOT_EXPIRES,
+    WARN_WITHIN,
+    PublishError,
+    atomic_write,
+    fsync_dir,
+    is_within,
+    normalize_now,
+    sha256_file,
+)
+from .keys import KeyStore, key_id, parse_public_key, public_hex
+
+logger = logging.getLogger(__name__)
+
+ROOT_DIR = "root"
+PACKAGES_DIR = "packages"
+DEFAULT_VERSION_FILE = "version.json"
+VERSION_FILE_RE = re.compile(r"version[A-Za-z0-9_-]*\.json")
+_ROOT_FILE_RE = re.compile(r"([1-9][0-9]*)\.root\.json")
+_ONE_SECOND = timedelta(seconds=1)
+
+
+# --- reading a repository ------------------------------------------------------------------
+
+
+def root_file(repo: Path, version: int) -> Path:
+    return repo / ROOT_DIR / f"{version}.root.json"
+
+
+def root_versions(repo: Path) -> list[int]:
+    """The versions of the ``root/N.root.json`` files present, ascending."""
+    folder = repo / ROOT_DIR
+    if not folder.is_dir():
+        return []
+    found = (_ROOT_FILE_RE.fullmatch(p.name) for p in folder.iterdir())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def version_files(repo: Path) -> list[Path]:
+    """The release files (channels) of a repository: ``version*.json`` at its top."""
+    return sorted(p for p in repo.glob("version*.json")
+                  if VERSION_FILE_RE.fullmatch(p.name) and p.is_file())
+
+
+def check_version_file_name(name: str) -> str:
+    """``name`` when it is a valid channel file name (``version*.json``, no directories)."""
+    if not VERSION_FILE_RE.fullmatch(name):
+        raise PublishError(f"version file {name!r} must be named like version.json or "
+                           "version-beta.json (letters, digits, _ and - only)")
+    return name
+
+
+def load_chain(repo: Path, anchor: bytes | None = None) -> list[Root]:
+    """Verify the root chain as a box does and return it, anchor first.
+
+    ``anchor`` defaults to ``root/1.root.json``. Raises :class:`RepositoryError` naming the
+    first root that does not verify, or a gap in the numbering.
+    """
+    if anchor is None:
+        try:
+            anchor = root_file(repo, 1).read_bytes()
+        except FileNotFoundError:
+            raise PublishError(f"{repo} is not a repository (no {ROOT_DIR}/1.root.json); "
+                               "create one with opq-box-publish init") from None
+    try:
+        chain = [verify_trust_anchor(anchor)]
+    except RepositoryError as exc:
+        raise type(exc)(f"trust anchor: {exc}") from None
+    newest = max(root_versions(repo), default=chain[0].version)
+    for version in range(chain[0].version + 1, newest + 1):
+        path = root_file(repo, version)
+        if not path.is_file():
+            raise RepositoryError(f"{ROOT_DIR}/{version}.root.json is missing (the chain has a "
+                                  f"gap below v{newest})")
+        try:
+            chain.append(verify_next_root(chain[-1], path.read_bytes()))
+        except RepositoryError as exc:
+            raise type(exc)(f"{ROOT_DIR}/{path.name}: {exc}") from None
+    return chain
+
+
+def read_release(repo: Path, version_file: str) -> Release | None:
+    """The release currently in ``version_file`` (structure only, signatures not checked);
+    ``None`` when there is none yet."""
+    path = repo / check_version_file_name(version_file)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return parse_release(parse_envelope(data))
+
+
+# --- writing documents ---------------------------------------------------------------------
+
+
+def envelope_bytes(signed: dict[str, Any], keys: Iterable[Ed25519PrivateKey]) -> bytes:
+    """A signed envelope as stored in the repository (indented for people; boxes
+    re-canonicalise ``signed``)."""
+    return (json.dumps(make_envelope(signed, keys), indent=2, sort_keys=True,
+                       ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def root_signed(version: int, expires: datetime, keys: Mapping[str, str],
+                roles: Mapping[str, tuple[Sequence[str], int]]) -> dict[str, Any]:
+    """The ``signed`` part of a root; ``keys`` maps keyid -> public hex, ``roles`` maps a
+    role to (keyids, threshold). Keys no role uses are left out."""
+    used = {k for keyids, _ in roles.values() for k in keyids}
+    return {
+        "type": "root", "spec_version": SPEC_VERSION, "version": version,
+        "expires": format_time(expires),
+        "keys": {k: {"keytype": "ed25519", "public": keys[k]} for k in sorted(used)},
+        "roles": {name: {"keyids": list(keyids), "threshold": threshold}
+                  for name, (keyids, threshold) in roles.items()},
+    }
+
+
+def release_signed(*, version: int, root_version: int, issued: datetime, expires: datetime,
+                   package: PackageRef, rollout: int, notes: str) -> dict[str, Any]:
+    """The ``signed`` part of a release (DESIGN 2.3)."""
+    return {
+        "type": "release", "spec_version": SPEC_VERSION, "version": version,
+        "root_version": root_version, "issued": format_time(issued),
+        "expires": format_time(expires),
+        "package": {"path": package.path, "sha256": package.sha256, "length": package.length},
+        "rollout_percent": rollout, "notes": notes,
+    }
+
+
+def _sign_release(root: Root, store: KeyStore, signed: dict[str, Any], now: datetime) -> bytes:
+    keys = store.signing_keys(root.role("release").keyids, root.role("release").threshold,
+                              f"release v{signed['version']} (root v{root.version} release role)")
+    data = envelope_bytes(signed, keys)
+    verify_release(root, data, now, Floors())  # what we write, a box accepts
+    return data
+
+
+def _check_keydir(repo: Path, keydir: Path) -> None:
+    if is_within(keydir, repo):
+        raise PublishError(f"KEYDIR {keydir} is inside the repository {repo}: private keys "
+                           "would be published; keep them elsewhere")
+
+
+def _warn_expiry(root: Root, now: datetime, release_expires: datetime | None = None) -> None:
+    if root.expires - now < WARN_WITHIN:
+        logger.warning("root v%d expires at %s: run opq-box-publish rotate to renew it",
+                       root.version, format_time(root.expires))
+    elif release_expires is not None and release_expires > root.expires:
+        logger.warning("the release expires after root v%d (%s): boxes stop at the root's "
+                       "expiry unless a rotation renews it", root.version,
+                       format_time(root.expires))
+
+
+# --- init ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InitResult:
+    """What :func:`init_repo` created."""
+
+    trust_anchor: Path
+    root: Root
+    root_keyids: tuple[str, ...]
+    release_keyids: tuple[str, ...]
+
+
+def init_repo(repo: Path, keydir: Path, *, root_keys: int = 1, root_threshold: int = 1,
+              release_keys: int = 1, release_threshold: int = 1,
+              expires: timedelta = DEFAULT_ROOT_EXPIRES, passphrase: bytes | None = None,
+              now: datetime | None = None) -> InitResult:
+    """Create a repository with ``root/1.root.json`` and fresh keys in KEYDIR.
+
+    Refuses an existing repository (a ``root/`` with roots, or version files) and a KEYDIR
+    that already holds keys: nothing is ever overwritten. The returned ``trust_anchor`` is
+    the file boxes pin as ``trust_root``.
+    """
+    now = normalize_now(now)
+    for count, threshold, name in ((root_keys, root_threshold, "root"),
+                                   (release_keys, release_threshold, "release")):
+        if count < 1 or not 1 <= threshold <= count:
+            raise PublishError(f"{name}: need at least 1 key and a threshold between 1 and "
+                               f"the number of keys (got {count} keys, threshold {threshold})")
+    repo = repo.absolute()
+    _check_keydir(repo, keydir)
+    if root_versions(repo) or version_files(repo):
+        raise PublishError(f"{repo} already holds a repository; refusing to overwrite it")
+    store = KeyStore(keydir, passphrase)
+    if store.has_keys():
+        raise PublishError(f"{keydir} already holds keys; use an empty KEYDIR for a new "
+                           "repository (or rotate keys in the existing one)")
+    store.ensure_dir()
+    roots = [store.generate("root") for _ in range(root_keys)]
+    releases = [store.generate("release") for _ in range(release_keys)]
+    public = {key_id(k): public_hex(k) for k in (*roots, *releases)}
+    signed = root_signed(1, now + expires, public, {
+        "root": ([key_id(k) for k in roots], root_threshold),
+        "release": ([key_id(k) for k in releases], release_threshold),
+    })
+    data = envelope_bytes(signed, roots)
+    root = verify_trust_anchor(data)
+    (repo / ROOT_DIR).mkdir(parents=True, exist_ok=True)
+    (repo / PACKAGES_DIR).mkdir(exist_ok=True)
+    anchor = root_file(repo, 1)
+    atomic_write(anchor, data)
+    return InitResult(anchor, root, tuple(key_id(k) for k in roots),
+                      tuple(key_id(k) for k in releases))
+
+
+# --- release and refresh -------------------------------------------------------------------
+
+
+def store_package(repo: Path, package_zip: Path) -> PackageRef:
+    """Copy a package to ``packages/<sha256>.zip`` (streamed, fsynced, renamed into place).
+
+    An identical package already there is kept; a corrupt one with that name is replaced.
+    """
+    folder = repo / PACKAGES_DIR
+    folder.mkdir(exist_ok=True)
+    digest = hashlib.sha256()
+    length = 0
+    fd, tmp = tempfile.mkstemp(prefix=".package.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as dst, package_zip.open("rb") as src:
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+                length += len(chunk)
+                dst.write(chunk)
+            dst.flush()
+            os.fchmod(dst.fileno(), 0o644)
+            os.fsync(dst.fileno())
+        sha = digest.hexdigest()
+        final = folder / f"{sha}.zip"
+        if final.is_file() and sha256_file(final) == (sha, length):
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, final)
+            fsync_dir(folder)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return PackageRef(f"{PACKAGES_DIR}/{sha}.zip", sha, length)
+
+
+def publish_release(repo: Path, keydir: Path, package_zip: Path, *,
+                    expires: timedelta = DEFAULT_RELEASE_EXPIRES, rollout: int = 100,
+                    version_file: str = DEFAULT_VERSION_FILE, notes: str = "",
+                    force: bool = False, passphrase: bytes | None = None,
+                    now: datetime | None = None) -> Release:
+    """Publish ``package_zip`` as the release in ``version_file``.
+
+    The release version is the manifest's. Refuses a package boxes would refuse, and a
+    version not above the one already in ``version_file`` unless ``force``. The package is
+    stored first, then the version file is replaced atomically: a box never sees a release
+    whose package is missing.
+    """
+    now = normalize_now(now)
+    repo = repo.absolute()
+    check_version_file_name(version_file)
+    _check_keydir(repo, keydir)
+    if not 0 <= rollout <= 100:
+        raise PublishError(f"rollout must be between 0 and 100, not {rollout}")
+    try:
+        manifest = inspect_package(package_zip)
+    except UnsafePackageError as exc:
+        raise PublishError(f"refusing to publish {package_zip}: {exc}") from None
+    root = load_chain(repo)[-1]
+    _check_root_usable(root, now)
+    current = _current_release(repo, version_file, force)
+    if current is not None and manifest.version <= current.version:
+        if not force:
+            raise PublishError(
+                f"{version_file} already publishes v{current.version}; v{manifest.version} is "
+                "not newer (boxes would refuse it as a rollback); build a higher --version")
+        if manifest.version < current.version:
+            logger.warning("boxes that saw v%d will refuse v%d as a rollback until a release "
+                           "key rotation resets their floor", current.version, manifest.version)
+    store = KeyStore(keydir, passphrase)
+    # Fail on missing keys before copying anything into the repository.
+    store.signing_keys(root.role("release").keyids, root.role("release").threshold,
+                       f"release (root v{root.version} release role)")
+    package = store_package(repo, package_zip)
+    if inspect_package(repo / package.path) != manifest:  # what is signed is what was checked
+        raise PublishError(f"{package_zip} changed while it was being published; try again")
+    signed = release_signed(version=manifest.version, root_version=root.version, issued=now,
+                            expires=now + expires, package=package, rollout=rollout,
+                            notes=notes)
+    data = _sign_release(root, store, signed, now)
+    atomic_write(repo / version_file, data)
+    _warn_expiry(root, now, now + expires)
+    return parse_release(parse_envelope(data))
+
+
+def refresh_release(repo: Path, keydir: Path, *, expires: timedelta = DEFAULT_RELEASE_EXPIRES,
+                    version_file: str = DEFAULT_VERSION_FILE, rollout: int | None = None,
+                    passphrase: bytes | None = None, now: datetime | None = None) -> Release:
+    """Re-sign the current release with a later ``expires`` (DESIGN 2.3).
+
+    Keeps version, package and notes; moves ``issued`` forward (strictly, so boxes see a
+    newer copy of the same version); names the newest root; ``rollout`` optionally widens
+    or narrows a phased rollout.
+    """
+    now = normalize_now(now)
+    repo = repo.absolute()
+    _check_keydir(repo, keydir)
+    if rollout is not None and not 0 <= rollout <= 100:
+        raise PublishError(f"rollout must be between 0 and 100, not {rollout}")
+    root = load_chain(repo)[-1]
+    _check_root_usable(root, now)
+    current = _current_release(repo, version_file, force=False)
+    if current is None:
+        raise PublishError(f"{repo / version_file} does not exist; publish a release first")
+    issued = max(now, current.issued + _ONE_SECOND)
+    signed = release_signed(
+        version=current.version, root_version=root.version, issued=issued,
+        expires=issued + expires, package=current.package,
+        rollout=current.rollout_percent if rollout is None else rollout, notes=current.notes)
+    data = _sign_release(root, KeyStore(keydir, passphrase), signed, now)
+    atomic_write(repo / version_file, data)
+    _warn_expiry(root, now, issued + expires)
+    return parse_release(parse_envelope(data))
+
+
+def _current_release(repo: Path, version_file: str, force: bool) -> Release | None:
+    try:
+        return read_release(repo, version_file)
+    except RepositoryError as exc:
+        if force:
+            logger.warning("%s is unreadable (%s); replacing it", version_file, exc)
+            return None
+        raise PublishError(f"{version_file} is unreadable ({exc}); use --force to replace it"
+                           ) from None
+
+
+def _check_root_usable(root: Root, now: datetime) -> None:
+    try:
+        check_root_fresh(root, now)
+    except RepositoryError as exc:
+        raise PublishError(f"{exc}; nothing was published") from None
+
+
+# --- rotate --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RotateResult:
+    """What :func:`rotate_role` wrote."""
+
+    root: Root
+    generated: tuple[str, ...] = ()  # keyids of new keys stored in KEYDIR
+    resigned: tuple[str, ...] = ()  # version files re-signed
+
+
+def rotate_role(repo: Path, keydir: Path, role: str, *, add: Sequence[str] = (),
+                remove: Sequence[str] = (), threshold: int | None = None,
+                expires: timedelta = DEFAULT_ROOT_EXPIRES, passphrase: bytes | None = None,
+                now: datetime | None = None) -> RotateResult:
+    """Write root N+1 with ``role``'s keys changed, then re-sign every version file for it.
+
+    ``add`` takes hex public keys or key file paths; ``remove`` keyids (or unique prefixes of
+    at least 8 digits). With neither nor ``threshold``, every key of the role is replaced by a
+    new one. When the role would be left with fewer keys than its threshold, new keys are
+    generated into KEYDIR. Root N+1 is signed by a threshold of N's root keys and of its own;
+    version files are re-signed with N+1's release keys and ``root_version`` N+1, so boxes
+    that walk to N+1 do not refuse them as mix-and-match. Everything is checked before the
+    first file is written; on a missing private key nothing changes.
+    """
+    if role not in ROLES:
+        raise PublishError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    if threshold is not None and threshold < 1:
+        raise PublishError("threshold must be at least 1")
+    now = normalize_now(now)
+    repo = repo.absolute()
+    _check_keydir(repo, keydir)
+    current = load_chain(repo)[-1]
+    store = KeyStore(keydir, passphrase)
+    public = {k: v.hex() for k, v in current.keys.items()}
+    old_keyids = current.role(role).keyids
+    keyids = list(old_keyids)
+    plain = not add and not remove and threshold is None
+    for prefix in (old_keyids if plain else remove):  # plain: replace every key of the role
+        keyids.remove(_resolve_keyid(prefix, keyids, role))
+    for text in add:
+        raw = parse_public_key(text)
+        keyid = keyid_of(raw)
+        if keyid in keyids:
+            raise PublishError(f"key {keyid[:12]} already holds the {role} role")
+        public[keyid] = raw.hex()
+        keyids.append(keyid)
+    new_threshold = threshold if threshold is not None else current.role(role).threshold
+    wanted = len(old_keyids) if plain else new_threshold
+    if len(keyids) < wanted and add:
+        raise PublishError(f"the {role} role would have {len(keyids)} key(s) for a threshold "
+                           f"of {new_threshold}: --add more keys or lower --threshold")
+    generated: dict[str, Ed25519PrivateKey] = {}
+    while len(keyids) < wanted:  # without --add, a role short of keys gets new ones
+        key = Ed25519PrivateKey.generate()
+        generated[key_id(key)] = key
+        public[key_id(key)] = public_hex(key)
+        keyids.append(key_id(key))
+    roles = {name: (list(current.role(name).keyids), current.role(name).threshold)
+             for name in ROLES}
+    roles[role] = (keyids, new_threshold)
+    signed = root_signed(current.version + 1, now + expires, public, roles)
+    try:
+        new = parse_root(json.dumps({"signed": signed, "signatures": []}).encode())
+    except FormatError as exc:
+        raise PublishError(f"the new root would be invalid: {exc}") from None
+    signers = _root_signers(store, current, new, generated)
+    data = envelope_bytes(signed, signers)
+    new = verify_next_root(current, data)  # what we write, a box accepts
+    releases = _resign_plan(repo, new, store, generated, now)
+    for keyid, key in generated.items():
+        store.store(key, role)
+        logger.info("generated %s key %s in %s", role, keyid, keydir)
+    atomic_write(root_file(repo, new.version), data)
+    for path, release_data in releases:
+        atomic_write(path, release_data)
+    _warn_expiry(new, now)
+    return RotateResult(new, tuple(generated), tuple(p.name for p, _ in releases))
+
+
+def _resolve_keyid(prefix: str, keyids: Sequence[str], role: str) -> str:
+    prefix = prefix.strip().lower()
+    matches = [k for k in keyids if k.startswith(prefix)] if len(prefix) >= 8 else []
+    if len(matches) != 1:
+        raise PublishError(f"{prefix!r} does not name exactly one {role} key (give the keyid "
+                           f"or a unique prefix of at least 8 digits; current: "
+                           f"{', '.join(k[:12] for k in keyids)})")
+    return matches[0]
+
+
+def _root_signers(store: KeyStore, old: Root, new: Root,
+                  generated: dict[str, Ed25519PrivateKey]) -> list[Ed25519PrivateKey]:
+    by_old = store.signing_keys(old.role("root").keyids, old.role("root").threshold,
+                                f"root v{new.version} (signed by root v{old.version}'s keys)")
+    by_new = store.signing_keys(new.role("root").keyids, new.role("root").threshold,
+                                f"root v{new.version} (signed by its own root keys)", generated)
+    unique = {key_id(k): k for k in (*by_old, *by_new)}
+    return list(unique.values())
+
+
+def _resign_plan(repo: Path, root: Root, store: KeyStore,
+                 generated: dict[str, Ed25519PrivateKey],
+                 now: datetime) -> list[tuple[Path, bytes]]:
+    """The re-signed bytes of every version file for ``root`` (nothing written yet)."""
+    plan: list[tuple[Path, bytes]] = []
+    for path in version_files(repo):
+        try:
+            old = parse_release(parse_envelope(path.read_bytes()))
+        except (RepositoryError, OSError) as exc:
+            logger.warning("%s is unreadable (%s); not re-signed", path.name, exc)
+            continue
+        signed = release_signed(
+            version=old.version, root_version=root.version,
+            # Not forced past the old issued: a later issued pushes boxes' trusted time
+            # ahead of the clock, and an equal one is accepted (equal version, issued >=).
+            issued=max(now, old.issued), expires=old.expires,
+            package=old.package, rollout=old.rollout_percent, notes=old.notes)
+        role = root.role("release")
+        keys = store.signing_keys(role.keyids, role.threshold,
+                                  f"{path.name} (root v{root.version} release role)", generated)
+        data = envelope_bytes(signed, keys)
+        try:
+            verify_role(parse_envelope(data), root, "release", path.name)
+        except FormatError as exc:  # pragma: no cover - we built the document ourselves
+            raise PublishError(f"{path.name}: {exc}") from None
+        if old.expires <= now:
+            logger.warning("%s expired at %s: run opq-box-publish refresh", path.name,
+                           format_time(old.expires))
+        plan.append((path, data))
+    return plan
