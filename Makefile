@@ -39,3 +39,57 @@ demo: venv
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# --- Debian packages (debian/, docs/operations.md) -------------------------------------------
+# make deb [TRUST_ROOT=repo/root/1.root.json] [DIST=dist] [DEB_VERSION=1.0.0+site1]
+# builds opq-box-updater and opq-box-publisher from a copy of the tree (so a build never
+# touches the work tree) with Debian's python3 and a clean PATH, and moves the .debs,
+# .changes and .buildinfo into DIST. TRUST_ROOT is the operators' root, pinned in the box
+# package; DEB_VERSION adds a changelog entry with that version to the copy (tests, site
+# rebuilds).
+DIST ?= dist
+TRUST_ROOT ?=
+DEB_VERSION ?=
+DEB_WORK ?= build/debian
+DEB_BUILD_ENV := env -u PYTHONPATH -u PYTHONHOME -u VIRTUAL_ENV PATH=/usr/sbin:/usr/bin:/sbin:/bin
+DEB_TRUST_ROOT = $(if $(strip $(TRUST_ROOT)),$(abspath $(TRUST_ROOT)))
+
+.PHONY: install-test
+
+deb:
+	@scripts/need-apt $(DEB_BUILD_DEBS)
+	@if [ -n "$(DEB_TRUST_ROOT)" ] && [ ! -f "$(DEB_TRUST_ROOT)" ]; then \
+		echo "TRUST_ROOT=$(TRUST_ROOT): no such file" >&2; exit 2; fi
+	@set -e; work="$(abspath $(DEB_WORK))"; dist="$(abspath $(DIST))"; \
+	rm -rf "$$work"; mkdir -p "$$work/src" "$$dist"; \
+	tar -c -f - --exclude-vcs --exclude=./.venv --exclude=./build --exclude=./dist \
+		--exclude=./demo --exclude=./.pybuild --exclude='*.egg-info' --exclude=__pycache__ \
+		--exclude=./.mypy_cache --exclude=./.ruff_cache --exclude=./.pytest_cache . \
+		| tar -x -f - -C "$$work/src"; \
+	if [ -n "$(DEB_VERSION)" ]; then \
+		{ printf 'opq-box-updater (%s) bookworm; urgency=medium\n\n' "$(DEB_VERSION)"; \
+		  printf '  * Rebuild as %s.\n\n' "$(DEB_VERSION)"; \
+		  printf ' -- OPQ Box Team <opq@example.org>  %s\n\n' "$$(date -R)"; \
+		  cat "$$work/src/debian/changelog"; } > "$$work/changelog.new"; \
+		mv "$$work/changelog.new" "$$work/src/debian/changelog"; \
+	fi; \
+	cd "$$work/src"; \
+	$(DEB_BUILD_ENV) OPQ_TRUST_ROOT="$(DEB_TRUST_ROOT)" dpkg-buildpackage -us -uc -b; \
+	cd "$$work"; \
+	rm -f "$$dist"/opq-box-updater_* "$$dist"/opq-box-publisher_*; \
+	mv opq-box-updater_*.deb opq-box-publisher_*.deb opq-box-updater_*.changes \
+		opq-box-updater_*.buildinfo "$$dist"/; \
+	rm -rf "$$work"; \
+	ls -l "$$dist"/opq-box-updater_* "$$dist"/opq-box-publisher_*
+
+# Zero errors and warnings; every override in debian/*.lintian-overrides says why.
+lintian:
+	@scripts/need-apt lintian
+	@ls $(DIST)/opq-box-updater_*.changes >/dev/null 2>&1 || $(MAKE) deb
+	lintian --fail-on error,warning --display-info $(DIST)/opq-box-updater_*.changes
+
+# Install, reconfigure, upgrade, update, rotate logs and purge in a clean Debian 12 root
+# (mmdebstrap); needs root. tests/test_debian_install.py.
+install-test: venv
+	@scripts/need-apt $(DEB_BUILD_DEBS) $(INSTALL_TEST_DEBS)
+	$(VENV)/bin/pytest -v -p no:cacheprovider tests/test_debian_install.py

@@ -1,0 +1,275 @@
+"""Fast checks of the Debian packaging sources (debian/, cron.d/, docs/nginx/).
+
+The maintainer scripts' config handling is exercised directly: the Python that the postinst
+runs to change ``server_url`` and the readers the debconf ``config`` script uses are taken
+out of the scripts and run on files in a temporary directory. The nginx site configuration
+is served by Debian's nginx on 127.0.0.1. The whole package life cycle runs in
+``test_debian_install.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import opq_box_updater
+
+PROJECT = Path(__file__).resolve().parent.parent
+DEBIAN = PROJECT / "debian"
+POSTINST = DEBIAN / "opq-box-updater.postinst"
+CONFIG_SCRIPT = DEBIAN / "opq-box-updater.config"
+MAINTAINER_SCRIPTS = (CONFIG_SCRIPT, POSTINST, DEBIAN / "opq-box-updater.postrm")
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _require(tool: str) -> str:
+    path = shutil.which(tool, path=SYSTEM_PATH)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{tool} is required in CI but not installed")
+        pytest.skip(f"{tool} not installed")
+    return path
+
+
+# --- versions and static files ---------------------------------------------------------------
+
+
+def test_changelog_version_is_the_module_version() -> None:
+    first = (DEBIAN / "changelog").read_text().splitlines()[0]
+    found = re.match(r"opq-box-updater \(([^)]+)\) \S+; urgency=\w+$", first)
+    assert found, first
+    upstream = re.split(r"[-+~]", found.group(1))[0]
+    assert upstream == opq_box_updater.__version__
+
+
+@pytest.mark.parametrize("script", MAINTAINER_SCRIPTS, ids=lambda p: p.name)
+def test_maintainer_scripts_are_strict_posix_shell(script: Path) -> None:
+    text = script.read_text()
+    assert text.startswith("#!/bin/sh\n")
+    assert re.search(r"^set -e$", text, re.MULTILINE)
+    assert os.access(script, os.X_OK)
+    subprocess.run(["sh", "-n", str(script)], check=True)
+
+
+def test_cron_entry() -> None:
+    text = (PROJECT / "cron.d/opq-box-updater").read_text()
+    assert text.endswith("\n"), "cron ignores a last line without a newline"
+    jobs = [line for line in text.splitlines() if line and not line.startswith("#")
+            and "=" not in line.split()[0]]
+    assert len(jobs) == 1
+    fields = jobs[0].split(None, 6)
+    assert fields[2:5] == ["*", "*", "*"] and fields[5] == "root", "daily, as root"
+    assert 0 <= int(fields[0]) < 60 and 0 <= int(fields[1]) < 24
+    assert fields[6].startswith("test -x /usr/bin/opq-box-updater && nice -n 10 ionice -c3 ")
+    assert re.search(r"^PATH=.*/usr/sbin.*/usr/bin", text, re.MULTILINE)
+
+
+def test_logrotate_rules_parse(tmp_path: Path) -> None:
+    logrotate = _require("logrotate")
+    proc = subprocess.run(
+        [logrotate, "-d", "-s", str(tmp_path / "state"), str(DEBIAN / "opq-box-updater.logrotate")],
+        capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "error" not in proc.stderr.lower(), proc.stderr
+
+
+# --- the postinst's server_url writer --------------------------------------------------------
+
+
+def _postinst_writer() -> str:
+    found = re.search(r"<<'PYEOF'\n(.*?)\nPYEOF\n", POSTINST.read_text(), re.DOTALL)
+    assert found
+    return found.group(1)
+
+
+def set_server_url(path: Path, url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _postinst_writer(), str(path), url],
+                          capture_output=True, text=True, check=False)
+
+
+def test_postinst_creates_the_config(tmp_path: Path) -> None:
+    path = tmp_path / "updater_config.json"
+    old_umask = os.umask(0o077)
+    try:
+        proc = set_server_url(path, "https://emilia.example.org/opq/")
+    finally:
+        os.umask(old_umask)
+    assert (proc.returncode, proc.stdout) == (0, "created\n"), proc.stderr
+    assert json.loads(path.read_text()) == {"server_url": "https://emilia.example.org/opq/"}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == [path.name], "no temp file left"
+
+
+def test_postinst_changes_only_server_url(tmp_path: Path) -> None:
+    path = tmp_path / "updater_config.json"
+    admin = {"version_file": "version-beta.json", "server_url": "http://old.example/",
+             "timeouts": {"connect": 2.5, "read": 30, "total": 600}, "note": "Zählerschrank",
+             "max_package_bytes": 10**12}
+    path.write_text(json.dumps(admin))
+    path.chmod(0o600)
+    proc = set_server_url(path, "https://new.example/opq/")
+    assert (proc.returncode, proc.stdout) == (0, "updated\n"), proc.stderr
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data == {**admin, "server_url": "https://new.example/opq/"}
+    assert list(data) == list(admin), "key order kept"
+    assert "Zählerschrank" in path.read_text(encoding="utf-8")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600, "the administrator's mode kept"
+
+
+def test_postinst_leaves_an_unchanged_file_alone(tmp_path: Path) -> None:
+    path = tmp_path / "updater_config.json"
+    path.write_text('{"server_url":"http://same.example/",   "x": [1,2]}')
+    before = path.stat()
+    proc = set_server_url(path, "http://same.example/")
+    assert (proc.returncode, proc.stdout) == (0, "unchanged\n")
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+@pytest.mark.parametrize("content", ["{broken", "[1, 2]", "\xff\xfe"], ids=["bad-json", "list",
+                                                                           "not-utf8"])
+def test_postinst_never_overwrites_a_file_it_cannot_read(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "updater_config.json"
+    path.write_bytes(content.encode("latin-1"))
+    proc = set_server_url(path, "http://new.example/")
+    assert proc.returncode == 1
+    assert "fix it by hand" in proc.stderr
+    assert path.read_bytes() == content.encode("latin-1")
+
+
+# --- the config script's reader --------------------------------------------------------------
+
+
+def _config_reader() -> str:
+    found = re.search(r"python3 -c '\n(.*?)\n' \"\$CONFIG\"", CONFIG_SCRIPT.read_text(),
+                      re.DOTALL)
+    assert found
+    return found.group(1)
+
+
+def _config_sed() -> str:
+    found = re.search(r"sed -n '([^']+)' \"\$CONFIG\"", CONFIG_SCRIPT.read_text())
+    assert found
+    return found.group(1)
+
+
+@pytest.mark.parametrize(("content", "url"), [
+    ('{\n  "timeouts": {"read": 5},\n  "server_url": "http://a.example:8151/opq/"\n}\n',
+     "http://a.example:8151/opq/"),
+    ('{"server_url": "https://b.example/"}', "https://b.example/"),
+    ('{"version_file": "version.json"}', ""),
+    ("{broken", ""),
+])
+def test_config_script_reads_the_current_url(tmp_path: Path, content: str, url: str) -> None:
+    path = tmp_path / "updater_config.json"
+    path.write_text(content)
+    read = subprocess.run([sys.executable, "-c", _config_reader(), str(path)],
+                          capture_output=True, text=True, check=True)
+    assert read.stdout.strip() == url
+    # Without python3 (dpkg-preconfigure before python3 is unpacked) sed reads the same.
+    fallback = subprocess.run(["sed", "-n", _config_sed(), str(path)], capture_output=True,
+                              text=True, check=True)
+    assert fallback.stdout.strip() == url
+
+
+# --- the nginx site configuration ------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def nginx_repo(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """(base URL, repository dir) of nginx running docs/nginx/opq-box-repo.conf."""
+    nginx = _require("nginx")
+    repo = tmp_path / "repo"
+    (repo / "root").mkdir(parents=True)
+    (repo / "packages").mkdir()
+    port = _free_port()
+    site = (PROJECT / "docs/nginx/opq-box-repo.conf").read_text()
+    site, listens = re.subn(r"listen 127\.0\.0\.1:\d+;", f"listen 127.0.0.1:{port};", site)
+    site, roots = re.subn(r"root /srv/opq-box-repo;", f"root {repo};", site)
+    assert listens == roots == 1
+    (tmp_path / "site.conf").write_text(site)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    # As root, workers would run as nobody and could not read a 0700 temporary directory.
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    (tmp_path / "nginx.conf").write_text(
+        f"{user}pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\ndaemon off;\n"
+        "events {}\nhttp {\n  include /etc/nginx/mime.types;\n"
+        f"  access_log {tmp_path}/access.log;\n"
+        + "".join(f"  {kind}_temp_path {temp}/{kind};\n"
+                  for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        + f"  include {tmp_path}/site.conf;\n}}\n")
+    server = subprocess.Popen([nginx, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
+                              stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    err = server.stderr.read().decode() if server.stderr else ""
+                    pytest.fail(f"nginx did not start: {err}")
+                time.sleep(0.1)
+        yield base, repo
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return answer.status, dict(answer.headers), answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), b""
+
+
+def test_nginx_site_serves_a_repository(nginx_repo: tuple[str, Path]) -> None:
+    base, repo = nginx_repo
+    (repo / "version.json").write_text('{"signed": {}, "signatures": []}')
+    (repo / "root/1.root.json").write_text("{}")
+    package = "ab" * 32
+    (repo / "packages" / f"{package}.zip").write_bytes(bytes(range(256)) * 40)
+    (repo / ".version.json.tmp").write_text("half written")
+
+    status, headers, _ = _get(base + "version.json")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert headers["Cache-Control"] == "no-cache"
+    assert _get(base + "version.json", {"If-None-Match": headers["ETag"]})[0] == 304
+    assert _get(base + "version.json",
+                {"If-Modified-Since": headers["Last-Modified"]})[0] == 304
+
+    status, headers, _ = _get(base + "root/1.root.json")
+    assert status == 200 and headers["Cache-Control"] == "no-cache"
+
+    status, headers, body = _get(base + f"packages/{package}.zip", {"Range": "bytes=100-"})
+    assert status == 206 and body == (bytes(range(256)) * 40)[100:]
+    assert headers["Content-Range"] == "bytes 100-10239/10240"
+    assert "immutable" in headers["Cache-Control"]
+
+    for path in (".version.json.tmp", "", "root/", "packages/", "packages/x.zip",
+                 "version-beta.json"):
+        assert _get(base + path)[0] == 404, path
