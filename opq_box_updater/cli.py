@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -113,6 +114,22 @@ def add_log_file(path: Path) -> None:
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logger.addHandler(handler)
+    if _same_file(sys.stderr, path):
+        # cron appends stderr to this very file (for errors before it is opened, such as
+        # a broken config): from here on the file handler alone writes it, once.
+        for other in list(logger.handlers):
+            if isinstance(other, logging.StreamHandler) and other is not handler and \
+                    getattr(other, "stream", None) is sys.stderr:
+                logger.removeHandler(other)
+
+
+def _same_file(stream: object, path: Path) -> bool:
+    try:
+        a = os.fstat(stream.fileno())  # type: ignore[attr-defined]
+        b = os.stat(path)
+    except (OSError, AttributeError, ValueError):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _status(config: Config, as_json: bool) -> int:
