@@ -7,7 +7,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 BASE_DEBS := python3 python3-venv python3-requests python3-cryptography python3-debian \
 	python3-setuptools dpkg-dev
-TEST_DEBS := $(BASE_DEBS) nginx-light curl fakeroot
+TEST_DEBS := $(BASE_DEBS) nginx-light curl fakeroot logrotate util-linux
 DEB_BUILD_DEBS := debhelper dh-python python3-all po-debconf lintian
 INSTALL_TEST_DEBS := mmdebstrap
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -29,8 +29,10 @@ lint: venv
 	$(VENV)/bin/ruff check opq_box_updater tests bench
 	$(VENV)/bin/mypy
 
+# The suite includes the packaging tests (dpkg-buildpackage, lintian) and the clean-root
+# install test (mmdebstrap), so it needs their tools too.
 test: venv
-	@scripts/need-apt $(TEST_DEBS)
+	@scripts/need-apt $(TEST_DEBS) $(DEB_BUILD_DEBS) $(INSTALL_TEST_DEBS)
 	scripts/run-tests
 
 demo: venv
