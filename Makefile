@@ -26,7 +26,7 @@ $(VENV)/.stamp: setup.py pyproject.toml requirements-dev.txt
 venv: $(VENV)/.stamp
 
 lint: venv
-	$(VENV)/bin/ruff check opq_box_updater tests bench
+	$(VENV)/bin/ruff check
 	$(VENV)/bin/mypy
 
 # The suite includes the packaging tests (dpkg-buildpackage, lintian) and the clean-root
