@@ -298,3 +298,27 @@ def test_root_rotation_is_followed(world: World) -> None:
     assert proc.returncode == 0, proc.stderr
     status = w.box.status()
     assert status["root_version"] == 3 and status["installed_version"] == 2
+
+
+def test_box_with_an_expired_root_recovers_when_a_new_root_is_published(
+        tmp_path: Path, box_factory: object) -> None:
+    """The stored root's expiry is checked after the walk: otherwise a box whose root expired
+    could never reach the operators' new root and would need a visit."""
+    import time
+
+    from opq_box_updater.metadata import format_time
+    sim = RepoSim(tmp_path / "repo")
+    doc = sim.root_doc(1)
+    doc["expires"] = format_time(sim.now + timedelta(seconds=2))
+    sim.write("root/1.root.json", sim.sign(doc, sim.root_keys))
+    sim.release(1)
+    with FaultServer(sim.path) as server:
+        box: Box = box_factory(server.url, sim.anchor)  # type: ignore[operator]
+        assert box.run("run").returncode == 0
+        time.sleep(3)
+        proc = box.run("check")
+        assert proc.returncode == REFUSED and "expired" in proc.stderr
+        sim.rotate("root")  # root v2, releases re-signed to name it
+        proc = box.run("run")
+        assert proc.returncode == 0, proc.stderr
+        assert box.status()["root_version"] == 2
