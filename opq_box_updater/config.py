@@ -21,11 +21,13 @@ GIB = 1024**3
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Network limits in seconds; ``total`` bounds all network activity of one run."""
+    """Limits in seconds; ``total`` bounds all network activity of one run. ``dpkg_lock``
+    (an extension of DESIGN 3.5) bounds the wait for a dpkg lock held by apt."""
 
     connect: float = 10
     read: float = 30
     total: float = 3600
+    dpkg_lock: float = 120
 
 
 @dataclass(frozen=True)
@@ -97,10 +99,11 @@ def _positive_int(path: Path, key: str, value: Any) -> int:
 def _timeouts(path: Path, value: Any) -> Timeouts:
     if not isinstance(value, dict):
         raise _fail(path, "timeouts", 'must be an object like {"connect": 10, "read": 30}')
-    known = {"connect", "read", "total"}
+    known = {"connect", "read", "total", "dpkg_lock"}
     for name in value:
         if name not in known:
-            raise _fail(path, f"timeouts.{name}", "is not one of connect, read, total")
+            raise _fail(path, f"timeouts.{name}", "is not one of connect, read, total, "
+                        "dpkg_lock")
     out: dict[str, float] = {}
     for name, number in value.items():
         if type(number) not in (int, float) or not number > 0:

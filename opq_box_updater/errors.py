@@ -98,6 +98,15 @@ class PostponedError(UpdaterError):
     """A pre-update.d hook vetoed the update; nothing changed, retried next run (exit 0)."""
 
 
+class DpkgBusyError(PostponedError):
+    """dpkg's lock stayed held (apt or another dpkg is running) past the bound.
+
+    Nothing was started: an update waiting to be applied is postponed (exit 0, not marked
+    failed); a recovery or rollback that cannot take the lock stops the run (exit 1) and
+    leaves the journal as it is, so the next run does it.
+    """
+
+
 class SubprocessError(UpdaterError):
     """A command run through :func:`opq_box_updater.runner.run` failed or timed out."""
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
-from .errors import ApplyError, PostponedError, SubprocessError, UpdaterError
+from .errors import ApplyError, DpkgBusyError, PostponedError, SubprocessError, UpdaterError
 from .faults import fault_point
 from .guard import (
     PackageState,
@@ -136,7 +136,7 @@ def dpkg_locks(root: Path, timeout: float, poll: float = 0.5,
             while not _try_lock(fd):
                 holder = _lock_holder(path)
                 if time.monotonic() >= deadline:
-                    raise ApplyError(
+                    raise DpkgBusyError(
                         f"dpkg is busy: {path} is held by "
                         f"{f'pid {holder}' if holder else 'another process'} for more than "
                         f"{timeout:.0f}s (apt or another dpkg is running); try again later")
@@ -157,11 +157,12 @@ def dpkg_locks(root: Path, timeout: float, poll: float = 0.5,
 class Installer:
     """Applies, rolls back and recovers updates on the box described by ``config``."""
 
-    def __init__(self, config: Config, *, lock_timeout: float = 120.0, lock_poll: float = 0.5,
-                 timeout: float = 3600.0, script_timeout: float = 1800.0) -> None:
+    def __init__(self, config: Config, *, lock_timeout: float | None = None,
+                 lock_poll: float = 0.5, timeout: float = 3600.0,
+                 script_timeout: float = 1800.0) -> None:
         self.config = config
         self.root = config.dpkg_root
-        self.lock_timeout = lock_timeout
+        self.lock_timeout = config.timeouts.dpkg_lock if lock_timeout is None else lock_timeout
         self.lock_poll = lock_poll
         self.timeout = timeout  # one dpkg/apt call
         self.script_timeout = script_timeout  # the run script, health check, each hook dir
@@ -244,7 +245,9 @@ class Installer:
                                "retrying without them")
                 self._restore(previous, env, with_hooks=False)
             unrestored = self._unrestored(previous)
-        except UpdaterError as exc:  # dpkg-query or the lock failed: nothing can be verified
+        except DpkgBusyError:
+            raise  # the journal stays "rolling-back": the next run finishes the rollback
+        except UpdaterError as exc:  # dpkg-query failed: nothing can be verified
             logger.error("rollback failed: %s", exc)
             unrestored = tuple(_label(n, v) for n, v in sorted(previous.items()))
         for name in unrestored:
@@ -309,6 +312,8 @@ class Installer:
                     logger.warning("recovery: %s", _script_failure(plan, status))
                     return False
             self._health(plan)
+        except DpkgBusyError:
+            raise  # neither committed nor rolled back: the next run recovers
         except UpdaterError as exc:
             logger.warning("recovery of release %d failed: %s", plan.version, exc)
             return False

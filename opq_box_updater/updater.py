@@ -26,6 +26,7 @@ from .errors import (
     ConfigError,
     DownloadError,
     DownloadHTTPError,
+    DpkgBusyError,
     FormatError,
     LengthOrHashMismatchError,
     LockError,
@@ -158,6 +159,15 @@ class Updater:
         # 0. A dead run's apply is finished or undone before any network request.
         if state.journal.phase in ("applying", "rolling-back"):
             state = self._recover(state)
+        elif state.journal.phase == "downloading":
+            # It died before anything was applied: only its extraction is garbage (a partial
+            # download is kept for resuming). Reset now, so the journal is idle even when the
+            # server cannot be reached.
+            logger.info("a previous run died while downloading release %d; nothing was "
+                        "applied", state.journal.target_version)
+            if self.config.download_dir_path.is_dir():
+                self._clean_downloads(keep=state.journal.package_sha256 or "")
+            state = self._journal(state, Journal())
         # 1. Spread the fleet's requests.
         if random_delay > 0:
             delay = random.uniform(0, random_delay)
@@ -216,7 +226,6 @@ class Updater:
         """Steps 2-4: conditional GET, root walk, verification; persists only verified data."""
         root, _ = self._trusted_root()
         now = self._now(state)
-        metadata.check_root_fresh(root, now)
         url = self.config.url(self.config.version_file)
         cached = self.store.load_release() if state.metadata_url == url else None
         use_validators = cached is not None
@@ -226,6 +235,7 @@ class Updater:
             last_modified=state.last_modified if use_validators else None)
         if response.status == 304 and cached is not None:
             # Verified when stored; only the clock can have made it unacceptable since.
+            metadata.check_root_fresh(root, now)
             release = metadata.parse_release(metadata.parse_envelope(cached))
             if release.expires <= now:
                 raise metadata_expired(release, now)
@@ -249,8 +259,9 @@ class Updater:
             state = replace(state, floor_version=state.installed_version, floor_issued=None,
                             time_floor=None)
             now = self._now(state)
-        if new_roots:
-            metadata.check_root_fresh(newest, now)
+        # The newest trusted root, after any walk, must not have expired: checking before the
+        # walk would leave a box whose stored root expired unable to reach the new one.
+        metadata.check_root_fresh(newest, now)
         release = metadata.verify_release(newest, body, now, floors)
         # Verified: now, and only now, remember roots, floors, time and validators.
         for new_root, data in new_roots:
@@ -394,20 +405,31 @@ class Updater:
         fault_point("apply")
         try:
             installer.apply(plan)
+        except DpkgBusyError as exc:  # raised before dpkg started: nothing to undo
+            self._journal(state, Journal())
+            return Outcome("postponed", f"release {release.version} postponed: {exc}",
+                           release.version)
         except Exception as exc:  # anything failing once dpkg may have run is rolled back
-            logger.error("applying release %d failed: %s; rolling back", release.version, exc)
+            logger.warning("applying release %d failed: %s; rolling back", release.version,
+                           exc)
             self._roll_back(state, journal, plan, installer, str(exc))
         fault_point("commit")
-        installer.cache_debs(plan)
-        state = replace(state, installed_version=release.version,
-                        applied_packages=targets or state.applied_packages,
-                        failed_versions=tuple(v for v in state.failed_versions
-                                              if v != release.version),
-                        unrestored=(), journal=Journal())
-        self.store.save(state)
+        self._commit(state, release.version, targets, plan, installer)
         logger.info("release %d installed", release.version)
         installer.post_update(plan)
         return Outcome("updated", f"updated to release {release.version}", release.version)
+
+    def _commit(self, state: State, version: int, targets: dict[str, str], plan: Any,
+                installer: Any) -> State:
+        """Record ``version`` as installed (after a run, or a recovery, that applied it) and
+        keep its debs for rolling back the next update."""
+        installer.cache_debs(plan)
+        state = replace(state, installed_version=version,
+                        applied_packages=targets or state.applied_packages,
+                        failed_versions=tuple(v for v in state.failed_versions if v != version),
+                        unrestored=(), journal=Journal())
+        self.store.save(state)
+        return state
 
     def _roll_back(self, state: State, journal: Journal, plan: Any, installer: Any,
                    why: str) -> None:
@@ -433,10 +455,8 @@ class Updater:
         plan = self._recovery_plan(journal)
         if journal.phase == "applying" and plan.workdir.is_dir() and \
                 installer.recover(plan, journal.previous):
-            state = replace(state, installed_version=journal.target_version,
-                            applied_packages=dict(journal.targets) or state.applied_packages,
-                            journal=Journal())
-            self.store.save(state)
+            state = self._commit(state, journal.target_version, dict(journal.targets), plan,
+                                 installer)
             logger.info("recovered: release %d is installed and healthy",
                         journal.target_version)
             installer.post_update(plan)
@@ -482,8 +502,13 @@ class Updater:
         self.store.save(replace(state, failed_versions=failed, journal=Journal()))
 
     def _clean_downloads(self, keep: str) -> None:
-        """Remove packages and partial downloads other than the current release's."""
+        """Remove packages and partial downloads other than the current release's, and the
+        extraction directories of runs that died (under the lock none is in use)."""
         for path in self.config.download_dir_path.iterdir():
+            if path.is_dir() and not path.is_symlink() and \
+                    path.name.startswith(("extract-", "dry-run-")):
+                shutil.rmtree(path, ignore_errors=True)
+                continue
             if path.name.startswith(keep) or not path.is_file():
                 continue
             if path.suffix in (".zip", ".part"):

@@ -27,7 +27,7 @@ def test_defaults() -> None:
     assert c.log_file == Path("/var/log/opq/box_updater.log")
     assert c.hooks_dir == Path("/etc/opq/updater/hooks/")
     assert c.dpkg_root == Path("/") and c.installer == "dpkg"
-    assert c.timeouts == Timeouts(10, 30, 3600)
+    assert c.timeouts == Timeouts(10, 30, 3600, 120)
     assert c.max_package_bytes == 1024**3 and c.max_unpacked_bytes == 2 * 1024**3
     assert c.ca_bundle is None and c.report_url is None and c.box_id == "b1"
 

@@ -22,7 +22,7 @@ import pytest
 from debs import dpkg_command, init_dpkg_root, make_deb, require_tool
 
 from opq_box_updater.config import Config
-from opq_box_updater.errors import ApplyError, PostponedError
+from opq_box_updater.errors import ApplyError, DpkgBusyError, PostponedError
 from opq_box_updater.faults import FAULT_ENV
 from opq_box_updater.guard import RunStatus, read_status
 from opq_box_updater.installer import Installer, UpdatePlan, cache_name
@@ -502,7 +502,7 @@ def test_a_frontend_lock_held_too_long_is_a_clear_error(sandbox: Sandbox) -> Non
     holder = _hold_lock(sandbox.root / "var/lib/dpkg/lock-frontend", 30)
     try:
         plan = sandbox.plan(1, [sandbox.deb("a", "1.0")])
-        with pytest.raises(ApplyError, match=f"held by pid {holder.pid} for more than 1s"):
+        with pytest.raises(DpkgBusyError, match=f"held by pid {holder.pid} for more than 1s"):
             sandbox.installer(lock_timeout=1, lock_poll=0.1).apply(plan)
     finally:
         holder.kill()
