@@ -39,6 +39,13 @@ demo: venv
 	@scripts/need-apt $(BASE_DEBS)
 	$(VPY) scripts/demo.py
 
+# The DESIGN 7 budgets as ratios against baselines measured in the same run (a few minutes,
+# about 4.2 GiB of scratch space in TMPDIR); docs/performance.md explains the figures.
+# make bench [BENCH_ARGS="--workdir DIR" | BENCH_ARGS=--tiny]
+bench: venv
+	@scripts/need-apt $(TEST_DEBS)
+	$(VPY) -m bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) demo build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
