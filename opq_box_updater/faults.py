@@ -10,7 +10,7 @@ Without the variable a fault point costs one dictionary look-up.
 
 Points in use (grep for ``fault_point(`` to find them):
 
-* ``updater.py``: ``extract``, ``apply``, ``commit``, ``rollback``;
+* ``updater.py``: ``download``, ``extract``, ``apply``, ``commit``, ``rollback``;
 * ``installer.py``: ``before-dpkg`` (after the journal says ``applying``, before dpkg or the
   run script), ``after-dpkg`` (dpkg and the guarded run script are done), ``before-health``,
   ``rollback-after-purge`` (new packages purged, old versions not yet reinstalled).
@@ -19,7 +19,6 @@ Points in use (grep for ``fault_point(`` to find them):
 from __future__ import annotations
 
 import os
-import signal
 
 FAULT_ENV = "OPQ_BOX_UPDATER_FAULT"
 
@@ -27,4 +26,6 @@ FAULT_ENV = "OPQ_BOX_UPDATER_FAULT"
 def fault_point(name: str) -> None:
     """Kill this process with SIGKILL when ``OPQ_BOX_UPDATER_FAULT`` equals ``name``."""
     if os.environ.get(FAULT_ENV) == name:
+        import signal  # only here: the no-op path imports nothing it does not need
+
         os.kill(os.getpid(), signal.SIGKILL)

@@ -66,7 +66,7 @@ CHUNK_SIZE = 64 * 1024
 MAX_REDIRECTS = 10
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MIB = 1024 * 1024
-REPORT_DEADLINE = 30.0  # seconds; a status report is never worth holding a run
+REPORT_DEADLINE = 10.0  # seconds; a status report is never worth holding a run
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")

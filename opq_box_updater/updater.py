@@ -7,12 +7,13 @@ state, talks to the fetcher, extracts and applies. It raises typed errors and re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -32,6 +33,7 @@ from .errors import (
     LockError,
     PostponedError,
     RepositoryError,
+    StateError,
     SubprocessError,
     UnsafePackageError,
     UpdaterError,
@@ -117,19 +119,22 @@ class Updater:
         except LockError:
             raise
         except UpdaterError as exc:
-            self._record(result_word(exc), str(exc), started)
+            self._record(result_word(exc), str(exc), started, failed=True)
             raise
         except Exception as exc:
-            self._record("error", f"{type(exc).__name__}: {exc}", started)
+            self._record("error", f"{type(exc).__name__}: {exc}", started, failed=True)
             raise
         finally:
             if self._fetcher is not None:
                 self._fetcher.close()
             lock.release()
-        self._record(outcome.result, outcome.message, started)
+        self._record(outcome.result, outcome.message, started,
+                     release_version=outcome.version)
         return outcome
 
-    def _record(self, result: str, message: str, started: float) -> None:
+    def _record(self, result: str, message: str, started: float, *,
+                release_version: int | None = None, failed: bool = False) -> None:
+        """Bookkeeping for ``status`` and the optional report; never fails the run."""
         state = self._peek_state()
         info: dict[str, Any] = {
             "last_run": metadata.format_time(self.clock()),
@@ -140,10 +145,16 @@ class Updater:
         }
         self.store.save_last_run(info)
         if self.config.report_url:
+            from . import __version__
             from .fetcher import post_report
 
-            post_report(self.config.report_url, {**info, "box_id": self.config.box_id},
-                        self.config.timeouts, ca_bundle=self.config.ca_bundle)
+            stored = self.store.stored_roots()
+            report = {**info, "box_id": self.config.box_id, "release_version": release_version,
+                      "failed_versions": list(state.failed_versions),
+                      "root_version": max(stored) if stored else None,
+                      "updater_version": __version__, "error": message if failed else None}
+            post_report(self.config.report_url, report, self.config.timeouts,
+                        ca_bundle=self.config.ca_bundle)
 
     def _peek_state(self) -> State:
         try:
@@ -329,18 +340,23 @@ class Updater:
                 f"release {release.version}'s package is {ref.length} bytes, over "
                 f"max_package_bytes ({self.config.max_package_bytes})")
         download_dir = self.config.download_dir_path
-        download_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with local_storage(f"cannot use {download_dir} (download_dir_path)",
+                           "fix it and run again"):
+            download_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # A dry run downloads into a scratch directory it removes: it changes nothing.
+            dest = Path(tempfile.mkdtemp(prefix="dry-run-", dir=download_dir)) if dry_run \
+                else download_dir
         if not dry_run:
             state = self._journal(state, Journal(phase="downloading",
                                                  target_version=release.version,
                                                  previous_version=state.installed_version,
                                                  package_sha256=ref.sha256))
         fault_point("download")
-        # A dry run downloads into a scratch directory it removes: it changes nothing.
-        dest = Path(tempfile.mkdtemp(prefix="dry-run-", dir=download_dir)) if dry_run \
-            else download_dir
         try:
-            zip_path = self._fetch().fetch_package(ref.path, dest, ref.sha256, ref.length)
+            with local_storage(f"cannot download release {release.version} into "
+                               f"{download_dir} (download_dir_path)",
+                               "free some space there; the next run resumes the download"):
+                zip_path = self._fetch().fetch_package(ref.path, dest, ref.sha256, ref.length)
             return self._unpack_and_apply(state, release, zip_path, dry_run)
         except UpdaterError:
             if not dry_run and self.store.load().journal.phase == "downloading":
@@ -359,8 +375,11 @@ class Updater:
         download_dir = self.config.download_dir_path
         fault_point("extract")
         try:
-            workdir = package.extract_package(
-                zip_path, download_dir, max_unpacked_bytes=self.config.max_unpacked_bytes)
+            with local_storage(f"cannot extract release {release.version} into "
+                               f"{download_dir} (download_dir_path)",
+                               "free some space there; the next run extracts it again"):
+                workdir = package.extract_package(
+                    zip_path, download_dir, max_unpacked_bytes=self.config.max_unpacked_bytes)
             try:
                 manifest = package.load_manifest(workdir, release.version)
                 archs = package.dpkg_architectures(self.config.dpkg_root) if manifest.debs \
@@ -513,6 +532,17 @@ class Updater:
                 continue
             if path.suffix in (".zip", ".part"):
                 path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def local_storage(what: str, advice: str) -> Iterator[None]:
+    """Turn an :class:`OSError` of the box's own files (disk full, read-only, I/O error)
+    into a one-line :class:`StateError` (exit 1): a local fault, neither the server's (4)
+    nor a refusal (3), so the release is not marked failed and what was downloaded stays."""
+    try:
+        yield
+    except OSError as exc:
+        raise StateError(f"{what}: {exc.strerror or exc}; {advice}") from None
 
 
 def metadata_expired(release: Release, now: datetime) -> RepositoryError:

@@ -30,7 +30,8 @@ PY = sys.executable
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 #: What every report carries at least (updater.py ``_record``).
 REPORT_KEYS = {"box_id", "installed_version", "last_result", "last_message", "last_run",
-               "duration"}
+               "duration", "release_version", "root_version", "failed_versions",
+               "updater_version", "error"}
 
 BoxFactory = Callable[..., Box]
 
@@ -89,6 +90,7 @@ def test_every_run_is_reported(served: tuple[RepoSim, str], box_factory: BoxFact
     assert report["box_id"] == "box-a" and report["installed_version"] == 1
     assert report["last_result"] == "updated"
     assert "updated to release 1" in report["last_message"]
+    assert (report["release_version"], report["root_version"], report["error"]) == (1, 1, None)
     assert TIME.fullmatch(report["last_run"])
     assert isinstance(report["duration"], int | float) and 0 <= report["duration"] < 60
     assert datetime.strptime(record["received"], "%Y-%m-%dT%H:%M:%SZ").replace(
@@ -103,6 +105,7 @@ def test_every_run_is_reported(served: tuple[RepoSim, str], box_factory: BoxFact
     report = stored(sim, "box-a")["report"]
     assert (report["last_result"], report["installed_version"]) == ("refused", 1)
     assert "signature" in report["last_message"].lower()
+    assert report["error"] == report["last_message"]
 
     # The repository is unreachable, the collector is not: the failure itself is reported.
     box.write_config(server_url=f"http://127.0.0.1:{free_port()}/")
