@@ -7,6 +7,7 @@ with ``-v``. Exit codes are a contract (DESIGN 3.6).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from .errors import (
     DownloadError,
     LockError,
     RepositoryError,
+    StateError,
     UpdaterError,
 )
 
@@ -102,11 +104,27 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
     logger.addHandler(handler)
 
 
+class _LogFileHandler(logging.FileHandler):
+    """The log file; when a write fails (disk full, I/O error) it says so once on stderr and
+    drops out, instead of logging's own traceback for every later line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):  # a bad log call, not a bad file: logging's way
+            super().handleError(record)
+            return
+        logger.removeHandler(self)
+        logger.warning("cannot write the log file %s (%s); logging to stderr only",
+                       self.baseFilename, error.strerror or error)
+        with contextlib.suppress(OSError):
+            self.close()
+
+
 def add_log_file(path: Path) -> None:
     """Log to the config's log file; an unwritable log is a warning, never a failed run."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path, encoding="utf-8")
+        handler = _LogFileHandler(path, encoding="utf-8")
     except OSError as exc:
         logger.warning("cannot write the log file %s (%s); logging to stderr only", path,
                        exc.strerror)
@@ -136,7 +154,12 @@ def _status(config: Config, as_json: bool) -> int:
     from .state import Store
 
     store = Store(config.state_dir)
-    state = store.load() if store.state_path.exists() else None
+    try:
+        # Without the lock: only read, never move a corrupt file aside under a running run.
+        state = store.load(repair=False) if store.state_path.exists() else None
+    except StateError as exc:
+        logger.warning("%s", exc)
+        state = None
     last = store.load_last_run()
     roots = store.stored_roots()
     info: dict[str, Any] = {

@@ -21,7 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import LockError, StateError
+from .errors import FormatError, LockError, StateError
+from .metadata import parse_time
 
 logger = logging.getLogger(__name__)
 
@@ -96,19 +97,77 @@ class State:
 
     @classmethod
     def from_json(cls, data: bytes) -> State:
+        """Parse ``state.json``; raise :class:`ValueError` for anything but a document this
+        module wrote: every field is type-checked, so a damaged file is caught here, once,
+        instead of failing every later run somewhere else (a crash loop)."""
         doc = json.loads(data)
         if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
             raise ValueError("unknown state format")
-        journal = Journal(**doc.pop("journal", {}))
-        if journal.phase not in PHASES:
-            raise ValueError(f"unknown journal phase {journal.phase!r}")
         doc.pop("format")
-        state = cls(**{**doc, "journal": journal})
-        state = replace(state, failed_versions=tuple(int(v) for v in state.failed_versions),
-                        unrestored=tuple(state.unrestored))
-        if type(state.installed_version) is not int or type(state.floor_version) is not int:
-            raise ValueError("versions must be integers")
-        return state
+        journal_doc = doc.pop("journal", {})
+        if not isinstance(journal_doc, dict):
+            raise ValueError("'journal' is not an object")
+        _check_fields(doc, _STATE_FIELDS, "")
+        _check_fields(journal_doc, _JOURNAL_FIELDS, "journal.")
+        state = cls(**{**doc, "journal": Journal(**journal_doc)})
+        return replace(state, failed_versions=tuple(state.failed_versions),
+                       unrestored=tuple(state.unrestored))
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _optional_str(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _optional_time(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        parse_time(value)
+    except (TypeError, FormatError):
+        return False
+    return True
+
+
+def _counts(value: Any) -> bool:
+    return isinstance(value, list) and all(_count(v) for v in value)
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _string_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+
+
+def _optional_string_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(_optional_str(v) for v in value.values())
+
+
+_STATE_FIELDS: dict[str, Any] = {
+    "installed_version": _count, "floor_version": _count, "floor_issued": _optional_time,
+    "time_floor": _optional_time, "etag": _optional_str, "last_modified": _optional_str,
+    "metadata_url": _optional_str, "failed_versions": _counts,
+    "applied_packages": _string_map, "unrestored": _strings,
+}
+_JOURNAL_FIELDS: dict[str, Any] = {
+    "phase": lambda v: v in PHASES, "target_version": _count, "previous_version": _count,
+    "previous": _optional_string_map, "targets": _string_map, "workdir": _optional_str,
+    "package_sha256": _optional_str,
+}
+
+
+def _check_fields(doc: dict[str, Any], checks: dict[str, Any], prefix: str) -> None:
+    for key, value in doc.items():
+        check = checks.get(key)
+        if check is None:
+            raise ValueError(f"unknown field '{prefix}{key}'")
+        if not check(value):
+            raise ValueError(f"field '{prefix}{key}' has a wrong value {value!r:.60}")
 
 
 class Store:
@@ -133,12 +192,14 @@ class Store:
 
     # --- state.json --------------------------------------------------------------------
 
-    def load(self) -> State:
+    def load(self, *, repair: bool = True) -> State:
         """Read ``state.json``; a corrupt file is moved aside and a fresh state begins.
 
         Starting fresh costs a re-install of the current release and resets the rollback
         floors (the trusted roots in ``roots/`` are kept); refusing to run would instead leave
         the box stuck until someone logs in, which is worse for an unattended fleet.
+        Without ``repair`` (readers that do not hold the lock, such as ``status``) a corrupt
+        file is left alone and reported as a :class:`StateError`.
         """
         try:
             data = self.state_path.read_bytes()
@@ -149,6 +210,9 @@ class Store:
         try:
             return State.from_json(data)
         except (ValueError, TypeError, KeyError) as exc:
+            if not repair:
+                raise StateError(f"{self.state_path} is corrupt ({exc}); the next run moves "
+                                 "it aside and starts from a fresh state") from None
             aside = self.state_path.with_name(f"state.json.corrupt-{utcnow():%Y%m%dT%H%M%S}")
             logger.error("%s is corrupt (%s); moved to %s and starting from a fresh state "
                          "(rollback floors reset, trusted roots kept)", self.state_path, exc,

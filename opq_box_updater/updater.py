@@ -255,7 +255,10 @@ class Updater:
         if response.body is None:
             raise DownloadError(f"{url}: server answered 304 to an unconditional request")
         body = response.body
-        named = metadata.parse_release(metadata.parse_envelope(body)).root_version
+        try:
+            named = metadata.parse_release(metadata.parse_envelope(body)).root_version
+        except FormatError as exc:  # say which document: "not valid JSON" alone is no help
+            raise FormatError(f"{url}: {exc}") from None
         new_roots: list[tuple[Root, bytes]] = []
         if named > root.version:
             new_roots = self._walk_roots(root, named)
