@@ -573,3 +573,15 @@ def test_inspect_package_refuses_repeated_names(tmp_path: Path) -> None:
     path.write_bytes(RepoSim.make_package(1, members=[("update.sh", b"#!/bin/sh\n")]))
     with pytest.raises(UnsafePackageError, match="appears twice"):
         build.inspect_package(path)
+
+
+def test_rewrites_within_one_second_still_change_the_mtime_second(tmp_path: Path) -> None:
+    """nginx's validators are the mtime's second and the size: each rewrite must move them."""
+    from opq_box_updater.publish.common import atomic_write
+
+    path = tmp_path / "version.json"
+    seconds = []
+    for _ in range(3):
+        atomic_write(path, b"same size")
+        seconds.append(int(path.stat().st_mtime))
+    assert seconds[0] < seconds[1] < seconds[2]

@@ -76,12 +76,21 @@ def atomic_file(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
 
     On an exception the temp file is removed and ``path`` is untouched.
     """
+    try:
+        old_second: int | None = int(os.stat(path).st_mtime)
+    except FileNotFoundError:
+        old_second = None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
             os.fchmod(handle.fileno(), mode)
+            if old_second is not None and int(os.fstat(handle.fileno()).st_mtime) <= old_second:
+                # Static servers (nginx) derive ETag and Last-Modified from the mtime's second
+                # and the size: a same-size rewrite within one second would keep the old
+                # validators, and boxes would be told 304 and miss the new release.
+                os.utime(handle.fileno(), (old_second + 1, old_second + 1))
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
