@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import metadata
 from .config import Config
@@ -42,6 +42,9 @@ from .faults import fault_point
 from .fetcher import Fetcher
 from .metadata import Floors, Release, Root
 from .state import Journal, Lock, State, Store, utcnow
+
+if TYPE_CHECKING:  # imported lazily at run time: the no-op path never loads them
+    from .installer import Installer, UpdatePlan
 
 logger = logging.getLogger(__name__)
 
@@ -410,7 +413,8 @@ class Updater:
             shutil.rmtree(workdir, ignore_errors=True)
             self._clean_downloads(keep=ref.sha256)
 
-    def _apply(self, state: State, release: Release, plan: Any, installer: Any) -> Outcome:
+    def _apply(self, state: State, release: Release, plan: UpdatePlan,
+               installer: Installer) -> Outcome:
         previous = installer.snapshot(plan)
         try:
             installer.pre_update(plan)
@@ -441,8 +445,8 @@ class Updater:
         installer.post_update(plan)
         return Outcome("updated", f"updated to release {release.version}", release.version)
 
-    def _commit(self, state: State, version: int, targets: dict[str, str], plan: Any,
-                installer: Any) -> State:
+    def _commit(self, state: State, version: int, targets: dict[str, str], plan: UpdatePlan,
+                installer: Installer) -> State:
         """Record ``version`` as installed (after a run, or a recovery, that applied it) and
         keep its debs for rolling back the next update."""
         installer.cache_debs(plan)
@@ -453,7 +457,7 @@ class Updater:
         self.store.save(state)
         return state
 
-    def _roll_back(self, state: State, journal: Journal, plan: Any, installer: Any,
+    def _roll_back(self, state: State, journal: Journal, plan: UpdatePlan, installer: Installer,
                    why: str) -> None:
         """Undo a failed or interrupted apply, mark the version failed, raise ApplyError."""
         state = self._journal(state, replace(journal, phase="rolling-back"))
@@ -491,7 +495,7 @@ class Updater:
             shutil.rmtree(plan.workdir, ignore_errors=True)
         raise AssertionError("unreachable")  # _roll_back always raises
 
-    def _recovery_plan(self, journal: Journal) -> Any:
+    def _recovery_plan(self, journal: Journal) -> UpdatePlan:
         from . import package
         from .installer import UpdatePlan
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import ConfigError
+from ..state import fsync_dir
 
 CHUNK = 1024 * 1024
 WARN_WITHIN = timedelta(days=7)
@@ -59,15 +60,6 @@ def parse_duration(text: str) -> timedelta:
         raise PublishError(f"bad duration {text!r}: use a positive number and one of "
                            "s, m, h, d, w, y (for example 30d or 2y)")
     return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or file creation in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextmanager
