@@ -10,6 +10,7 @@ packages. Shows an install, an upgrade and an automatic rollback.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "demo"
+DEMO = Path(os.environ.get("OPQ_DEMO_DIR", ROOT / "demo")).resolve()
 BIN = Path(sys.executable).parent
 PUBLISH = str(BIN / "opq-box-publish")
 UPDATER = str(BIN / "opq-box-updater")
@@ -29,7 +30,7 @@ def say(text: str) -> None:
 
 
 def sh(*cmd: str, ok: tuple[int, ...] = (0,)) -> int:
-    shown = " ".join(c.replace(str(DEMO) + "/", "demo/") for c in cmd)
+    shown = shlex.join(c.replace(str(DEMO) + "/", "demo/") for c in cmd)
     print(f"$ {shown.replace(str(BIN) + '/', '')}", flush=True)
     code = subprocess.call(cmd, env=ENV)
     if code not in ok:
@@ -79,7 +80,7 @@ def init_dpkg_root(root: Path) -> None:
 
 
 def show_packages(root: Path) -> None:
-    sh("dpkg-query", f"--root={root}", "-W", "-f=${Package} ${Version} ${Status}\n",
+    sh("dpkg-query", f"--root={root}", "-W", r"-f=${Package} ${Version} ${Status}\n",
        "opq-demo-app", ok=(0, 1))
 
 
