@@ -38,7 +38,8 @@ def sh(*cmd: str, ok: tuple[int, ...] = (0,)) -> int:
     return code
 
 
-ENV = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}:/usr/sbin:/sbin"}
+ENV = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}:/usr/sbin:/sbin",
+       "COLUMNS": "100"}
 
 
 def make_deb(name: str, version: str, message: str) -> Path:
@@ -80,8 +81,8 @@ def init_dpkg_root(root: Path) -> None:
 
 
 def show_packages(root: Path) -> None:
-    sh("dpkg-query", f"--root={root}", "-W", r"-f=${Package} ${Version} ${Status}\n",
-       "opq-demo-app", ok=(0, 1))
+    """``dpkg -l`` of the sandbox root (never this machine's own database)."""
+    sh("dpkg", f"--root={root}", "-l", "opq-demo-app", ok=(0, 1))
 
 
 def main() -> int:
