@@ -478,8 +478,8 @@ class Updater:
         logger.warning("a previous run died while %s release %d; recovering",
                        journal.phase, journal.target_version)
         installer = Installer(self.config)
-        plan = self._recovery_plan(journal)
-        if journal.phase == "applying" and plan.workdir.is_dir() and \
+        plan, readable = self._recovery_plan(journal)
+        if journal.phase == "applying" and readable and \
                 installer.recover(plan, journal.previous):
             state = self._commit(state, journal.target_version, dict(journal.targets), plan,
                                  installer)
@@ -495,7 +495,10 @@ class Updater:
             shutil.rmtree(plan.workdir, ignore_errors=True)
         raise AssertionError("unreachable")  # _roll_back always raises
 
-    def _recovery_plan(self, journal: Journal) -> UpdatePlan:
+    def _recovery_plan(self, journal: Journal) -> tuple[UpdatePlan, bool]:
+        """The interrupted update's plan, and whether its files could be read back whole.
+        Only a readable plan may be committed: its run script and health check decide; an
+        unreadable one (gone, or torn by the power cut) can only be rolled back."""
         from . import package
         from .installer import UpdatePlan
 
@@ -505,16 +508,19 @@ class Updater:
                                     healthcheck=None)
         debs: tuple[package.DebInfo, ...] = tuple(
             package.DebInfo("", name, version, "") for name, version in journal.targets.items())
+        readable = False
         if workdir.is_dir():
             try:
-                manifest = package.load_manifest(workdir, journal.target_version)
+                read_manifest = package.load_manifest(workdir, journal.target_version)
                 archs = package.dpkg_architectures(self.config.dpkg_root)
-                debs = package.inspect_debs(workdir, manifest, archs)
-            except (UnsafePackageError, FormatError, SubprocessError) as exc:
+                debs = package.inspect_debs(workdir, read_manifest, archs)
+                manifest, readable = read_manifest, True
+            except (UnsafePackageError, FormatError, SubprocessError, OSError) as exc:
                 logger.warning("cannot re-read the interrupted update in %s: %s", workdir, exc)
-        return UpdatePlan(version=journal.target_version,
+        plan = UpdatePlan(version=journal.target_version,
                           previous_version=journal.previous_version, workdir=workdir,
                           manifest=manifest, debs=debs)
+        return plan, readable
 
     # --- bookkeeping -------------------------------------------------------------------
 

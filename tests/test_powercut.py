@@ -411,3 +411,17 @@ def test_a_dry_run_cut_short_leaves_nothing_after_the_next_update(world: World) 
     w.run("run", expect=OK)
     assert_converged(w, 2, failed=[])
     assert [p for p in w.box.download_dir.iterdir() if p.is_dir()] == []
+
+
+def test_an_update_torn_by_the_power_cut_is_rolled_back_not_committed(world: World) -> None:
+    """Extracted files are not fsynced: if the cut tore them, recovery cannot run the
+    package's run script and health check, so it must not commit."""
+    w = world
+    install_v1(w)
+    publish_v2(w)
+    assert cut_power(w, Cut("before-health", fault="before-health")).returncode == -9
+    workdir = Path(state_doc(w)["journal"]["workdir"])
+    for deb in workdir.glob("*.deb"):
+        deb.write_bytes(deb.read_bytes()[:100])  # what a lost write-back leaves
+    w.run("run", expect=APPLY_FAILED)
+    assert_converged(w, 1, failed=[2])
