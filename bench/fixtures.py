@@ -153,7 +153,7 @@ def floor_argv(url: str) -> list[str]:
 
 def fetch_argv(base_url: str, relpath: str, dest: Path, sha256: str, length: int) -> list[str]:
     """A child that runs only the box's download+verify step (``Fetcher.fetch_package``:
-    stream, hash while writing, fsync, rename) and prints the seconds that step took and,
+    stream, hash while writing, rename) and prints the seconds that step took and,
     of those, the seconds spent in fsync."""
     code = (
         "import os, sys, time\n"
