@@ -206,6 +206,7 @@ def _run(config: Config, args: argparse.Namespace) -> int:
     updater = Updater(config)
     if args.command == "check":
         outcome = updater.run(check_only=True)
+        logger.info("check: %s", outcome.message, extra={"log_file_only": True})
         print(outcome.message)
         return EXIT_UPDATE_AVAILABLE if outcome.update_available else EXIT_OK
     outcome = updater.run(force=args.force, dry_run=args.dry_run,
@@ -220,16 +221,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         if args.command == "status":
-            return _status(config, args.json)
+            code = _status(config, args.json)
+            sys.stdout.flush()  # here, so a closed pipe is seen inside this try
+            return code
         add_log_file(config.log_file)
         for key in config.unknown_keys:
             logger.warning("%s: unknown key '%s' ignored", config.path, key,
                            extra={"log_file_only": True})
         logger.debug("opq-box-updater %s: %s", __version__, args.command)
-        return _run(config, args)
+        code = _run(config, args)
+        sys.stdout.flush()
+        return code
     except KeyboardInterrupt:
         logger.error("interrupted")
         return 130
+    except BrokenPipeError:  # `status | head`: the reader left; nothing is wrong here
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:
         code = exit_code_for(exc)
         if isinstance(exc, UpdaterError):

@@ -105,7 +105,10 @@ class Updater:
         self.clock = clock
         self.progress = progress
         self.store = Store(config.state_dir)
-        self.anchor, self.anchor_bytes = load_anchor(config)
+        # The pinned anchor is read at the start of each run (after crash recovery, before
+        # any request), so a missing or broken one is recorded in last_run like any error.
+        self.anchor: Root
+        self.anchor_bytes: bytes
         self._fetcher: Fetcher | None = None
 
     # --- entry points ------------------------------------------------------------------
@@ -182,6 +185,7 @@ class Updater:
             if self.config.download_dir_path.is_dir():
                 self._clean_downloads(keep=state.journal.package_sha256 or "")
             state = self._journal(state, Journal())
+        self.anchor, self.anchor_bytes = load_anchor(self.config)
         # 1. Spread the fleet's requests.
         if random_delay > 0:
             delay = random.uniform(0, random_delay)

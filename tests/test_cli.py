@@ -114,3 +114,18 @@ def test_network_error_one_line(tmp_path: Path) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "127.0.0.1:9" in proc.stderr
     assert os.path.exists(tmp_path / "state" / "last_run.json")
+
+
+def test_missing_trust_anchor_is_recorded_for_status(tmp_path: Path) -> None:
+    path = config(tmp_path)
+    assert cli("--config", str(path), "run").returncode == 2
+    doc = json.loads(cli("--config", str(path), "status", "--json").stdout)
+    assert doc["last_result"] == "config-error" and "trust anchor" in doc["last_message"]
+
+
+def test_status_into_a_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
+    path = config(tmp_path)
+    proc = subprocess.run(
+        f"sleep 0 | {sys.executable} -m opq_box_updater.cli --config {path} status | true",
+        shell=True, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
