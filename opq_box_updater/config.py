@@ -7,9 +7,8 @@ line the CLI prints is enough for an operator to fix it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
@@ -19,8 +18,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/opq/updater_config.json")
 GIB = 1024**3
 
 
-@dataclass(frozen=True)
-class Timeouts:
+class Timeouts(NamedTuple):
     """Limits in seconds; ``total`` bounds all network activity of one run. ``dpkg_lock``
     (an extension of DESIGN 3.5) bounds the wait for a dpkg lock held by apt."""
 
@@ -30,8 +28,7 @@ class Timeouts:
     dpkg_lock: float = 120
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     """A validated configuration; paths are absolute."""
 
     server_url: str
@@ -45,7 +42,7 @@ class Config:
     dpkg_root: Path = Path("/")
     box_id: str = ""
     installer: str = "dpkg"
-    timeouts: Timeouts = field(default_factory=Timeouts)
+    timeouts: Timeouts = Timeouts()
     max_package_bytes: int = 1 * GIB
     max_unpacked_bytes: int = 2 * GIB
     ca_bundle: Path | None = None

@@ -39,10 +39,9 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -77,8 +76,7 @@ _TRANSFER_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError,
                     http.client.HTTPException, OSError)
 
 
-@dataclass(frozen=True)
-class MetadataResponse:
+class MetadataResponse(NamedTuple):
     """The answer to a (conditional) metadata GET.
 
     ``status`` is 200 (``body`` holds at most ``max_bytes`` bytes) or 304 (``body`` is None).

@@ -12,9 +12,8 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import (
     BadVersionError,
@@ -123,8 +122,7 @@ def format_time(moment: datetime) -> str:
 # --- envelopes and signatures --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Envelope:
+class Envelope(NamedTuple):
     """A parsed ``{"signed": ..., "signatures": [...]}`` document."""
 
     signed: dict[str, Any]
@@ -198,14 +196,12 @@ def make_envelope(signed: dict[str, Any], private_keys: Iterable[Any]) -> dict[s
 # --- root ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Role:
+class Role(NamedTuple):
     keyids: tuple[str, ...]
     threshold: int
 
 
-@dataclass(frozen=True)
-class Root:
+class Root(NamedTuple):
     """A root document whose structure is valid (signatures are checked separately)."""
 
     version: int
@@ -323,15 +319,13 @@ def release_keys_changed(old: Root, new: Root) -> bool:
 # --- release -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PackageRef:
+class PackageRef(NamedTuple):
     path: str
     sha256: str
     length: int
 
 
-@dataclass(frozen=True)
-class Release:
+class Release(NamedTuple):
     version: int
     root_version: int
     issued: datetime
@@ -383,8 +377,7 @@ def parse_release(env: Envelope) -> Release:
     )
 
 
-@dataclass(frozen=True)
-class Floors:
+class Floors(NamedTuple):
     """What the box has seen: releases older than this are a rollback attack."""
 
     version: int = 0

@@ -16,10 +16,9 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import FormatError, LockError, StateError
 from .metadata import parse_time
@@ -60,21 +59,20 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-@dataclass(frozen=True)
-class Journal:
+class Journal(NamedTuple):
     """What an interrupted run was doing, recorded before each phase (DESIGN 3.4)."""
 
     phase: str = "idle"
     target_version: int = 0
     previous_version: int = 0
-    previous: dict[str, str | None] = field(default_factory=dict)  # pkg -> version before
-    targets: dict[str, str] = field(default_factory=dict)  # pkg -> version the update installs
+    # Never mutated (a new Journal replaces the old), so one shared empty default is safe.
+    previous: dict[str, str | None] = {}  # pkg -> version before
+    targets: dict[str, str] = {}  # pkg -> version the update installs
     workdir: str | None = None  # extraction directory, kept until the run ends
     package_sha256: str | None = None
 
 
-@dataclass(frozen=True)
-class State:
+class State(NamedTuple):
     """``state.json``: everything the box's security and recovery depend on."""
 
     installed_version: int = 0
@@ -85,12 +83,13 @@ class State:
     last_modified: str | None = None
     metadata_url: str | None = None  # the URL the validators belong to
     failed_versions: tuple[int, ...] = ()
-    applied_packages: dict[str, str] = field(default_factory=dict)
+    applied_packages: dict[str, str] = {}
     unrestored: tuple[str, ...] = ()
-    journal: Journal = field(default_factory=Journal)
+    journal: Journal = Journal()
 
     def to_json(self) -> bytes:
-        doc: dict[str, Any] = {"format": STATE_FORMAT, **asdict(self)}
+        doc: dict[str, Any] = {"format": STATE_FORMAT, **self._asdict(),
+                               "journal": self.journal._asdict()}
         doc["failed_versions"] = list(self.failed_versions)
         doc["unrestored"] = list(self.unrestored)
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
@@ -110,7 +109,7 @@ class State:
         _check_fields(doc, _STATE_FIELDS, "")
         _check_fields(journal_doc, _JOURNAL_FIELDS, "journal.")
         state = cls(**{**doc, "journal": Journal(**journal_doc)})
-        return replace(state, failed_versions=tuple(state.failed_versions),
+        return state._replace(failed_versions=tuple(state.failed_versions),
                        unrestored=tuple(state.unrestored))
 
 

@@ -14,10 +14,9 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import metadata
 from .config import Config
@@ -52,8 +51,7 @@ logger = logging.getLogger(__name__)
 CLOCK_SKEW_WARNING = timedelta(days=1)
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """How a run that raised nothing ended; ``result`` is the word ``status`` shows."""
 
     result: str  # updated, up-to-date, update-available, outside-rollout, skipped-failed,
@@ -277,7 +275,7 @@ class Updater:
                            "installed version %d and trusted time to the system clock",
                            newest.version, state.installed_version)
             floors = Floors(state.installed_version, None)
-            state = replace(state, floor_version=state.installed_version, floor_issued=None,
+            state = state._replace(floor_version=state.installed_version, floor_issued=None,
                             time_floor=None)
             now = self._now(state)
         # The newest trusted root, after any walk, must not have expired: checking before the
@@ -292,9 +290,9 @@ class Updater:
             time_floor = release.issued_str
         if release.version > state.floor_version or state.floor_issued is None or \
                 release.issued > metadata.parse_time(state.floor_issued):
-            state = replace(state, floor_version=release.version,
+            state = state._replace(floor_version=release.version,
                             floor_issued=release.issued_str)
-        state = replace(state, time_floor=time_floor, etag=response.etag,
+        state = state._replace(time_floor=time_floor, etag=response.etag,
                         last_modified=response.last_modified, metadata_url=url)
         self.store.save_release(body)
         self.store.save(state)
@@ -454,7 +452,7 @@ class Updater:
         """Record ``version`` as installed (after a run, or a recovery, that applied it) and
         keep its debs for rolling back the next update."""
         installer.cache_debs(plan)
-        state = replace(state, installed_version=version,
+        state = state._replace(installed_version=version,
                         applied_packages=targets or state.applied_packages,
                         failed_versions=tuple(v for v in state.failed_versions if v != version),
                         unrestored=(), journal=Journal())
@@ -464,11 +462,11 @@ class Updater:
     def _roll_back(self, state: State, journal: Journal, plan: UpdatePlan, installer: Installer,
                    why: str) -> None:
         """Undo a failed or interrupted apply, mark the version failed, raise ApplyError."""
-        state = self._journal(state, replace(journal, phase="rolling-back"))
+        state = self._journal(state, journal._replace(phase="rolling-back"))
         fault_point("rollback")
         unrestored = tuple(installer.rollback(plan, journal.previous))
         failed = tuple(sorted({*state.failed_versions, journal.target_version}))
-        self.store.save(replace(state, failed_versions=failed, unrestored=unrestored,
+        self.store.save(state._replace(failed_versions=failed, unrestored=unrestored,
                                 journal=Journal()))
         tail = f"; could not restore: {', '.join(unrestored)}" if unrestored else ""
         raise ApplyError(f"release {journal.target_version} failed and was rolled back "
@@ -529,13 +527,13 @@ class Updater:
     # --- bookkeeping -------------------------------------------------------------------
 
     def _journal(self, state: State, journal: Journal) -> State:
-        state = replace(state, journal=journal)
+        state = state._replace(journal=journal)
         self.store.save(state)
         return state
 
     def _mark_failed(self, state: State, version: int) -> None:
         failed = tuple(sorted({*state.failed_versions, version}))
-        self.store.save(replace(state, failed_versions=failed, journal=Journal()))
+        self.store.save(state._replace(failed_versions=failed, journal=Journal()))
 
     def _clean_downloads(self, keep: str) -> None:
         """Remove packages and partial downloads other than the current release's, and the

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -516,7 +516,7 @@ def test_a_frontend_lock_held_too_long_is_a_clear_error(sandbox: Sandbox) -> Non
 @pytest.fixture
 def apt_sandbox(sandbox: Sandbox) -> Sandbox:
     require_tool("apt-get")
-    sandbox.config = replace(sandbox.config, installer="apt")
+    sandbox.config = sandbox.config._replace(installer="apt")
     return sandbox
 
 
