@@ -276,7 +276,7 @@ class Updater:
                            newest.version, state.installed_version)
             floors = Floors(state.installed_version, None)
             state = state._replace(floor_version=state.installed_version, floor_issued=None,
-                            time_floor=None)
+                                   time_floor=None)
             now = self._now(state)
         # The newest trusted root, after any walk, must not have expired: checking before the
         # walk would leave a box whose stored root expired unable to reach the new one.
@@ -291,9 +291,9 @@ class Updater:
         if release.version > state.floor_version or state.floor_issued is None or \
                 release.issued > metadata.parse_time(state.floor_issued):
             state = state._replace(floor_version=release.version,
-                            floor_issued=release.issued_str)
+                                   floor_issued=release.issued_str)
         state = state._replace(time_floor=time_floor, etag=response.etag,
-                        last_modified=response.last_modified, metadata_url=url)
+                               last_modified=response.last_modified, metadata_url=url)
         self.store.save_release(body)
         self.store.save(state)
         logger.info("verified release %d (root v%d, issued %s, expires %s)", release.version,
@@ -452,10 +452,10 @@ class Updater:
         """Record ``version`` as installed (after a run, or a recovery, that applied it) and
         keep its debs for rolling back the next update."""
         installer.cache_debs(plan)
+        failed = tuple(v for v in state.failed_versions if v != version)
         state = state._replace(installed_version=version,
-                        applied_packages=targets or state.applied_packages,
-                        failed_versions=tuple(v for v in state.failed_versions if v != version),
-                        unrestored=(), journal=Journal())
+                               applied_packages=targets or state.applied_packages,
+                               failed_versions=failed, unrestored=(), journal=Journal())
         self.store.save(state)
         return state
 
@@ -467,7 +467,7 @@ class Updater:
         unrestored = tuple(installer.rollback(plan, journal.previous))
         failed = tuple(sorted({*state.failed_versions, journal.target_version}))
         self.store.save(state._replace(failed_versions=failed, unrestored=unrestored,
-                                journal=Journal()))
+                                       journal=Journal()))
         tail = f"; could not restore: {', '.join(unrestored)}" if unrestored else ""
         raise ApplyError(f"release {journal.target_version} failed and was rolled back "
                          f"({why}){tail}", unrestored)
