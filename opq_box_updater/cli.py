@@ -211,7 +211,11 @@ def _run(config: Config, args: argparse.Namespace) -> int:
         return EXIT_UPDATE_AVAILABLE if outcome.update_available else EXIT_OK
     outcome = updater.run(force=args.force, dry_run=args.dry_run,
                           random_delay=args.random_delay)
-    logger.info("%s", outcome.message)
+    if outcome.result == "dry-run":  # what was asked for: on stdout, even with -q
+        logger.info("dry run: %s", outcome.message, extra={"log_file_only": True})
+        print(outcome.message)
+    else:
+        logger.info("%s", outcome.message)
     return EXIT_OK
 
 

@@ -322,7 +322,7 @@ def test_dry_run_says_what_it_would_do_and_changes_nothing(world: World) -> None
 
     proc = w.run("run", "--dry-run", expect=OK)
 
-    out = proc.stderr
+    out = proc.stdout  # the plan is the output asked for: stdout, even with -q
     for expected in (f"would download packages/{sha}.zip", "package for release 2:",
                      "alpha 2.0 (all) from alpha_2.0_all.deb",
                      "beta 1.0 (all) from beta_1.0_all.deb",
