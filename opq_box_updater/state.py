@@ -29,21 +29,24 @@ STATE_FORMAT = 1
 PHASES = ("idle", "downloading", "applying", "rolling-back")
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content."""
+def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content;
+    ``durable`` also makes the new content survive a power cut (fsync of file and folder)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -239,10 +242,12 @@ class Store:
             return {}
 
     def save_last_run(self, info: dict[str, Any]) -> None:
-        """Bookkeeping must never fail a run: errors are logged only."""
+        """Bookkeeping must never fail a run: errors are logged only. Not fsynced: losing
+        the last run's result to a power cut is harmless, and every daily no-op would pay
+        for it (DESIGN 7)."""
         try:
             atomic_write(self.last_run_path, (json.dumps(info, indent=2, sort_keys=True)
-                                              + "\n").encode())
+                                              + "\n").encode(), durable=False)
         except OSError as exc:
             logger.warning("cannot write %s: %s", self.last_run_path, exc.strerror)
 
