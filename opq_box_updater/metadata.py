@@ -38,20 +38,21 @@ _TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})Z")
 
 
 def _no_floats(value: str) -> Any:
-    raise FormatError(f"floats are not allowed in signed documents (found {value})")
+    raise FormatError(f"has a non-integer number {value}")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise FormatError(f"duplicate key {key!r}")
+            raise FormatError(f"has the key {key!r} twice")
         result[key] = value
     return result
 
 
 def parse_json(data: bytes) -> Any:
-    """Parse JSON strictly: UTF-8, no floats (``1.0``, ``1e3``, NaN), no duplicate keys."""
+    """Parse JSON strictly: UTF-8, no floats (``1.0``, ``1e3``, NaN), no duplicate keys.
+    Used for every signed document and for a package's manifest."""
     try:
         text = data.decode("utf-8")
         return json.loads(text, parse_float=_no_floats, parse_constant=_no_floats,

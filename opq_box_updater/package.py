@@ -9,7 +9,6 @@ never become safe).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import re
@@ -24,7 +23,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from . import runner
-from .errors import SubprocessError, UnsafePackageError
+from .errors import FormatError, SubprocessError, UnsafePackageError
+from .metadata import parse_json
 
 if TYPE_CHECKING:
     import tarfile
@@ -329,7 +329,10 @@ def load_manifest(extract_dir: Path, expected_version: int) -> Manifest:
     extraction directory and may use data files shipped next to it (the seed's behaviour).
     """
     data = _read_regular_file(extract_dir / MANIFEST_NAME, MAX_MANIFEST_BYTES)
-    raw = _strict_json(data)
+    try:
+        raw = parse_json(data)
+    except FormatError as exc:
+        _refuse(f"{MANIFEST_NAME} {exc}")
     if not isinstance(raw, dict):
         _refuse(f"{MANIFEST_NAME} is not a JSON object")
     if raw.keys() != _MANIFEST_KEYS:
@@ -363,27 +366,6 @@ def load_manifest(extract_dir: Path, expected_version: int) -> Manifest:
         logger.info("package also contains %d unlisted entries: %s%s", len(others),
                     ", ".join(others[:10]), " ..." if len(others) > 10 else "")
     return manifest
-
-
-def _strict_json(data: bytes) -> Any:
-    """Parse JSON refusing duplicate keys, floats, NaN/Infinity and invalid UTF-8."""
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        obj: dict[str, Any] = {}
-        for key, value in items:
-            if key in obj:
-                _refuse(f"{MANIFEST_NAME} has the key {key!r} twice")
-            obj[key] = value
-        return obj
-
-    def no_float(text: str) -> NoReturn:
-        _refuse(f"{MANIFEST_NAME} has a non-integer number {text}")
-
-    try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=pairs,
-                          parse_float=no_float, parse_constant=no_float)
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
-        _refuse(f"{MANIFEST_NAME} is not valid JSON ({exc})")
 
 
 def _read_regular_file(path: Path, limit: int) -> bytes:
