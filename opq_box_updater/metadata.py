@@ -38,7 +38,7 @@ _TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})Z")
 
 
 def _no_floats(value: str) -> Any:
-    raise FormatError(f"has a non-integer number {value}")
+    raise FormatError(f"has a non-integer number {value} (floats are not allowed)")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
