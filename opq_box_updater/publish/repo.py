@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..errors import FormatError, RepositoryError, UnsafePackageError
 from ..metadata import (
+    METADATA_MAX_BYTES,
     ROLES,
     SPEC_VERSION,
     Floors,
@@ -105,7 +106,8 @@ def load_chain(repo: Path, anchor: bytes | None = None) -> list[Root]:
     """Verify the root chain as a box does and return it, anchor first.
 
     ``anchor`` defaults to ``root/1.root.json``. Raises :class:`RepositoryError` naming the
-    first root that does not verify, or a gap in the numbering.
+    first root that does not verify, is larger than boxes accept, or is missing from the
+    numbering.
     """
     if anchor is None:
         try:
@@ -123,8 +125,12 @@ def load_chain(repo: Path, anchor: bytes | None = None) -> list[Root]:
         if not path.is_file():
             raise RepositoryError(f"{ROOT_DIR}/{version}.root.json is missing (the chain has a "
                                   f"gap below v{newest})")
+        data = path.read_bytes()
+        if len(data) > METADATA_MAX_BYTES:
+            raise RepositoryError(f"{ROOT_DIR}/{path.name}: {len(data)} bytes, boxes refuse "
+                                  f"metadata over {METADATA_MAX_BYTES}")
         try:
-            chain.append(verify_next_root(chain[-1], path.read_bytes()))
+            chain.append(verify_next_root(chain[-1], data))
         except RepositoryError as exc:
             raise type(exc)(f"{ROOT_DIR}/{path.name}: {exc}") from None
     return chain

@@ -20,13 +20,11 @@ from ..metadata import (
     Root,
     format_time,
     parse_root,
-    verify_next_root,
     verify_release,
-    verify_trust_anchor,
 )
 from .build import inspect_package
 from .common import WARN_WITHIN, normalize_now, sha256_file
-from .repo import ROOT_DIR, root_file, root_versions, version_files
+from .repo import ROOT_DIR, load_chain, root_file, version_files
 
 
 @dataclass
@@ -85,36 +83,29 @@ def _verify_chain(repo: Path, trust_root: Path | None, report: VerifyReport) -> 
     anchor_data = _read_capped(anchor_path, report)
     if anchor_data is None:
         return
-    try:
-        anchor = verify_trust_anchor(anchor_data)
-    except RepositoryError as exc:
-        report.problems.append(f"trust anchor {anchor_path}: {exc}")
-        return
-    report.roots.append(anchor)
     if trust_root is not None:
-        copy = root_file(repo, anchor.version)
-        try:
-            same = parse_root(copy.read_bytes()).envelope.signed == anchor.envelope.signed
-        except (OSError, RepositoryError):
-            same = False
-        if not same:
-            report.problems.append(f"{ROOT_DIR}/{copy.name} is missing or differs from the "
-                                   f"trust anchor {trust_root}")
-    versions = root_versions(repo)
-    for version in range(anchor.version + 1, max(versions, default=0) + 1):
-        path = root_file(repo, version)
-        if version not in versions:
-            report.problems.append(f"{ROOT_DIR}/{path.name} is missing: boxes cannot walk "
-                                   f"past root v{version - 1}")
-            return
-        data = _read_capped(path, report)
-        if data is None:
-            return
-        try:
-            report.roots.append(verify_next_root(report.roots[-1], data))
-        except RepositoryError as exc:
-            report.problems.append(f"{ROOT_DIR}/{path.name}: {exc}")
-            return
+        _check_anchor_copy(repo, trust_root, anchor_data, report)
+    try:
+        report.roots.extend(load_chain(repo, anchor_data))
+    except RepositoryError as exc:
+        report.problems.append(str(exc))
+
+
+def _check_anchor_copy(repo: Path, trust_root: Path, anchor_data: bytes,
+                       report: VerifyReport) -> None:
+    """A box's anchor must be the repository's root of the same version."""
+    try:
+        anchor = parse_root(anchor_data)
+    except RepositoryError:
+        return  # load_chain reports it
+    copy = root_file(repo, anchor.version)
+    try:
+        same = parse_root(copy.read_bytes()).envelope.signed == anchor.envelope.signed
+    except (OSError, RepositoryError):
+        same = False
+    if not same:
+        report.problems.append(f"{ROOT_DIR}/{copy.name} is missing or differs from the "
+                               f"trust anchor {trust_root}")
 
 
 def _verify_release_file(repo: Path, path: Path, root: Root, now: datetime,
