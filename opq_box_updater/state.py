@@ -15,51 +15,17 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import FormatError, LockError, StateError
+from .fsutil import atomic_write, utcnow
 from .metadata import parse_time
 
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
 PHASES = ("idle", "downloading", "applying", "rolling-back")
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content;
-    ``durable`` also makes the new content survive a power cut (fsync of file and folder)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if durable:
-        fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """fsync a directory so a rename in it survives a power cut."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC).replace(microsecond=0)
 
 
 class Journal(NamedTuple):

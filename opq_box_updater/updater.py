@@ -39,8 +39,9 @@ from .errors import (
 )
 from .faults import fault_point
 from .fetcher import Fetcher
+from .fsutil import utcnow
 from .metadata import Floors, Release, Root
-from .state import Journal, Lock, State, Store, utcnow
+from .state import Journal, Lock, State, Store
 
 if TYPE_CHECKING:  # imported lazily at run time: the no-op path never loads them
     from .installer import Installer, UpdatePlan

@@ -60,6 +60,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from opq_box_updater.fsutil import utcnow
 from opq_box_updater.metadata import (
     SPEC_VERSION,
     Release,
@@ -72,7 +73,6 @@ from opq_box_updater.metadata import (
 )
 from opq_box_updater.package import MANIFEST_FORMAT, MANIFEST_NAME
 from opq_box_updater.publish import build, repo
-from opq_box_updater.publish.common import utcnow
 from opq_box_updater.publish.keys import KeyStore, key_id, public_hex
 
 DAY = timedelta(days=1)

@@ -577,7 +577,7 @@ def test_inspect_package_refuses_repeated_names(tmp_path: Path) -> None:
 
 def test_rewrites_within_one_second_still_change_the_mtime_second(tmp_path: Path) -> None:
     """nginx's validators are the mtime's second and the size: each rewrite must move them."""
-    from opq_box_updater.publish.common import atomic_write
+    from opq_box_updater.fsutil import atomic_write
 
     path = tmp_path / "version.json"
     seconds = []

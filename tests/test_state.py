@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from opq_box_updater.errors import LockError
-from opq_box_updater.state import Journal, Lock, State, Store, atomic_write
+from opq_box_updater.fsutil import atomic_write
+from opq_box_updater.state import Journal, Lock, State, Store
 
 
 def test_state_round_trip(tmp_path: Path) -> None:

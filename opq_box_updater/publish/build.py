@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError, UnsafePackageError
+from ..fsutil import atomic_file
 from ..metadata import parse_json
 from ..package import MANIFEST_FORMAT, MANIFEST_NAME, MAX_MEMBERS, Manifest
-from .common import CHUNK, PublishError, atomic_file
+from .common import CHUNK, PublishError
 
 #: A member name boxes accept: a plain file name (Debian file names use ``+ ~ . _ %``).
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~%-]{0,199}")

@@ -1,25 +1,19 @@
 """What every publishing step shares: its error type, the clock, durations and safe file writes.
 
-Files in a repository are only ever replaced whole: a temp file in the same directory (a
-dotfile, so ``serve`` never shows it half-written), fsync, ``os.replace``, fsync of the
-directory (python-tuf's ``_persist_metadata``). A box or a web server therefore sees either
-the old file or the new one, never a mix, even across a power cut.
+Files in a repository are only ever replaced whole, through :mod:`opq_box_updater.fsutil`
+(re-exported here as ``atomic_file``/``atomic_write``): a box or a web server sees either the
+old file or the new one, never a mix, even across a power cut.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO
 
 from ..errors import ConfigError
-from ..state import fsync_dir
+from ..fsutil import utcnow
 
 CHUNK = 1024 * 1024
 WARN_WITHIN = timedelta(days=7)
@@ -33,11 +27,6 @@ class PublishError(ConfigError):
     The message says what to do instead. Verification failures of a repository's content
     are :class:`~opq_box_updater.errors.RepositoryError` (exit 3), as on the box.
     """
-
-
-def utcnow() -> datetime:
-    """The current UTC time in whole seconds (repository times have no fractions)."""
-    return datetime.now(UTC).replace(microsecond=0)
 
 
 def normalize_now(now: datetime | None) -> datetime:
@@ -60,42 +49,6 @@ def parse_duration(text: str) -> timedelta:
         raise PublishError(f"bad duration {text!r}: use a positive number and one of "
                            "s, m, h, d, w, y (for example 30d or 2y)")
     return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
-
-
-@contextmanager
-def atomic_file(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
-    """Yield a temp file next to ``path``; on a clean exit it replaces ``path`` atomically.
-
-    On an exception the temp file is removed and ``path`` is untouched.
-    """
-    try:
-        old_second: int | None = int(os.stat(path).st_mtime)
-    except FileNotFoundError:
-        old_second = None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            if old_second is not None and int(os.fstat(handle.fileno()).st_mtime) <= old_second:
-                # Static servers (nginx) derive ETag and Last-Modified from the mtime's second
-                # and the size: a same-size rewrite within one second would keep the old
-                # validators, and boxes would be told 304 and miss the new release.
-                os.utime(handle.fileno(), (old_second + 1, old_second + 1))
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` atomically and durably."""
-    with atomic_file(path, mode) as handle:
-        handle.write(data)
 
 
 def sha256_file(path: Path) -> tuple[str, int]:

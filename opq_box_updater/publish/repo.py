@@ -27,6 +27,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..errors import FormatError, RepositoryError, UnsafePackageError
+from ..fsutil import atomic_write, fsync_dir
 from ..metadata import (
     METADATA_MAX_BYTES,
     ROLES,
@@ -54,8 +55,6 @@ from .common import (
     DEFAULT_ROOT_EXPIRES,
     WARN_WITHIN,
     PublishError,
-    atomic_write,
-    fsync_dir,
     is_within,
     normalize_now,
     sha256_file,

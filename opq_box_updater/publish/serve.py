@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO, cast
 from urllib.parse import unquote, urlsplit
 
+from ..fsutil import atomic_write, utcnow
 from ..metadata import format_time
-from .common import CHUNK, PublishError, atomic_write, utcnow
+from .common import CHUNK, PublishError
 
 REPORTS_DIR = ".reports"
 REPORT_MAX_BYTES = 16 * 1024

@@ -1,0 +1,94 @@
+"""File-system helpers that the box and the publisher share: atomic writes and directory
+checks. Nothing here knows about updates; both sides import it, neither reaches into the
+other's modules for it.
+
+Files are only ever replaced whole (python-tuf's ``_persist_metadata``): a temp file in the
+same directory (a dotfile, so a web server never shows it half-written), fsync,
+``os.replace``, fsync of the directory. A reader sees the old file or the new one, never a
+mix, even across a power cut.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+
+def utcnow() -> datetime:
+    """The current UTC time in whole seconds (repository and state times have no fractions)."""
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory so a rename in it survives a power cut."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: Path, mode: int = 0o644, *, durable: bool = True) -> Iterator[BinaryIO]:
+    """Yield a temp file next to ``path``; on a clean exit it replaces ``path`` atomically.
+
+    On an exception the temp file is removed and ``path`` is untouched. ``durable`` also makes
+    the new content survive a power cut (fsync of the file and of the directory).
+    """
+    try:
+        old_second: int | None = int(os.stat(path).st_mtime)
+    except FileNotFoundError:
+        old_second = None
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            if old_second is not None and int(os.fstat(handle.fileno()).st_mtime) <= old_second:
+                # Static servers (nginx) derive ETag and Last-Modified from the mtime's second
+                # and the size: a same-size rewrite within one second would keep the old
+                # validators, and clients would be told 304 and miss the new content.
+                os.utime(handle.fileno(), (old_second + 1, old_second + 1))
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically (and durably unless ``durable`` is false)."""
+    with atomic_file(path, mode, durable=durable) as handle:
+        handle.write(data)
+
+
+def unsafe_dir_reason(path: Path) -> str | None:
+    """Why a directory that root writes into could be influenced by another local user, or
+    ``None`` when it is safe: it must be a real directory (not a symlink), owned by the
+    effective user (root on a box), and not writable by group or others. A directory another
+    account owns or may write to lets that account plant symlinks (``<sha>.part`` pointing
+    at ``/etc/shadow``) or hold the lock."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by uid {os.geteuid()}"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
