@@ -29,6 +29,11 @@ METADATA_MAX_BYTES = 64 * 1024
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 ROLES = ("root", "release")
 
+#: A channel is the file name a release is published as (DESIGN 2.3): ``version.json`` or
+#: ``version-NAME.json``. The config's ``version_file``, the publisher and the shipped nginx
+#: site all use this one pattern.
+CHANNEL_PATTERN = re.compile(r"version(-[A-Za-z0-9_]+)?\.json")
+
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX128 = re.compile(r"[0-9a-f]{128}")
 _TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})Z")
