@@ -6,13 +6,13 @@ PY := /usr/bin/python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 BASE_DEBS := python3 python3-venv python3-requests python3-cryptography python3-debian \
-	python3-setuptools dpkg-dev
+	python3-setuptools python3-wheel dpkg-dev
 TEST_DEBS := $(BASE_DEBS) nginx-light curl fakeroot logrotate util-linux faketime
 DEB_BUILD_DEBS := debhelper dh-python python3-all po-debconf lintian
 INSTALL_TEST_DEBS := mmdebstrap
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: all venv test lint demo bench clean
+.PHONY: all venv test lint demo bench clean newcomer
 
 all: test
 
@@ -31,13 +31,21 @@ lint: venv
 
 # The suite includes the packaging tests (dpkg-buildpackage, lintian) and the clean-root
 # install test (mmdebstrap), so it needs their tools too.
+# PYTEST_ARGS narrows the run, e.g. make test PYTEST_ARGS="-m 'not slow'".
 test: venv
 	@scripts/need-apt $(TEST_DEBS) $(DEB_BUILD_DEBS) $(INSTALL_TEST_DEBS)
-	scripts/run-tests
+	scripts/run-tests $(PYTEST_ARGS)
 
 demo: venv
 	@scripts/need-apt $(BASE_DEBS)
 	$(VPY) scripts/demo.py
+
+# The README's two commands on a fresh Debian 12 root holding only git, make, python3 and
+# ca-certificates (mmdebstrap, chroot; needs root): make demo, then the fast part of make
+# test, on a clone of the committed HEAD. NEWCOMER_ARGS="--keep" keeps the root.
+newcomer:
+	@scripts/need-apt $(INSTALL_TEST_DEBS) git
+	scripts/newcomer $(NEWCOMER_ARGS)
 
 # The DESIGN 7 budgets as ratios against baselines measured in the same run (a few minutes,
 # about 4.2 GiB of scratch space in TMPDIR); docs/performance.md explains the figures.
