@@ -6,12 +6,19 @@ line the CLI prints is enough for an operator to fix it.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
+import secrets
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .fsutil import atomic_write, unsafe_dir_reason
+from .metadata import CHANNEL_PATTERN
 
 DEFAULT_CONFIG_PATH = Path("/etc/opq/updater_config.json")
 
@@ -67,23 +74,114 @@ _KNOWN_KEYS = frozenset(
 )
 
 
+MACHINE_ID = Path("/etc/machine-id")
+#: A box id the updater generated and keeps in ``<state_dir>/box_id`` (32 hex digits).
+BOX_ID_FILE = "box_id"
+_BOX_ID = re.compile(r"[0-9a-f]{32}")
+
+
 def _machine_id() -> str:
+    """``/etc/machine-id`` when it holds a real id; systemd writes ``uninitialized`` (or
+    nothing) into images that have not booted yet, and such a value is no identity."""
     try:
-        return Path("/etc/machine-id").read_text(encoding="ascii").strip()
+        value = MACHINE_ID.read_text(encoding="ascii").strip()
     except (OSError, UnicodeDecodeError):
         return ""
+    return value if _BOX_ID.fullmatch(value) and value != "0" * 32 else ""
+
+
+def with_box_id(config: Config) -> Config:
+    """``config`` with a box id: the configured one or the machine id, else one generated once
+    and kept in ``<state_dir>/box_id`` so that the box keeps its rollout bucket and its fleet
+    row. A box without any of them used to report ``unknown``: all such boxes shared one
+    bucket and one row."""
+    if config.box_id:
+        return config
+    state_dir = config.state_dir
+    why = unsafe_dir_reason(state_dir)
+    if why:
+        raise ConfigError(f"state directory {state_dir} {why}: make it root's and not "
+                          f"writable by others (chown root: {state_dir}; chmod 0700 {state_dir})")
+    stored = stored_box_id(state_dir)
+    if stored:
+        return config._replace(box_id=stored)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    box_id = secrets.token_hex(16)
+    atomic_write(state_dir / BOX_ID_FILE, (box_id + "\n").encode("ascii"), mode=0o644)
+    return config._replace(box_id=box_id)
+
+
+def stored_box_id(state_dir: Path) -> str:
+    """The id :func:`with_box_id` generated earlier, or ``""`` (none yet, or unreadable)."""
+    try:
+        value = (state_dir / BOX_ID_FILE).read_text(encoding="ascii").strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return ""
+    return value if _BOX_ID.fullmatch(value) else ""
 
 
 def _fail(path: Path, key: str, why: str) -> ConfigError:
     return ConfigError(f"{path}: key '{key}' {why}")
 
 
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def url_problem(value: str) -> str | None:
+    """What is wrong with a server URL, or ``None`` when it is usable.
+
+    The one rule for ``server_url`` and ``report_url``, shared by this module, the debconf
+    config script and the postinst (``python3 -m opq_box_updater.config --check-url URL``):
+    http or https, a host (a name, an IPv4 or a bracketed IPv6 address), an optional port
+    1-65535, an optional path; no query, fragment, user name or password, whitespace or
+    control character. Anything else would be accepted once and then fail every day.
+    """
+    if not value:
+        return "is empty"
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        return "contains whitespace or a control character"
+    if not value.isascii():
+        return "contains a non-ASCII character (write an internationalised name as xn--...)"
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:
+        return f"cannot be parsed ({exc})"
+    try:
+        port = parts.port
+    except ValueError:
+        return "has an invalid port (a number 1-65535)"
+    if parts.scheme not in ("http", "https") or not value.lower().startswith(
+            parts.scheme + "://"):
+        return "must start with http:// or https://"
+    if "@" in parts.netloc:
+        return "must not contain a user name or password"
+    if not parts.hostname:
+        return "names no host (write it as http://HOST/PATH)"
+    if "?" in value:
+        return "must not have a query (?...)"
+    if "#" in value:
+        return "must not have a fragment (#...)"
+    if port is not None and not 1 <= port <= 65535:
+        return "has an invalid port (a number 1-65535)"
+    if parts.netloc.rsplit("]", 1)[-1].endswith(":"):
+        return "has an empty port after ':'"
+    host = parts.hostname
+    if parts.netloc.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"has an invalid IPv6 address [{host}]"
+    elif not all(_HOST_LABEL.fullmatch(label) for label in host.rstrip(".").split(".")):
+        return f"has an invalid host name {host!r}"
+    return None
+
+
 def _http_url(path: Path, key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise _fail(path, key, "must be a non-empty string (an http:// or https:// URL)")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise _fail(path, key, f"must be an http:// or https:// URL, not {value!r}")
+    why = url_problem(value)
+    if why:
+        raise _fail(path, key, f"{why}: {value!r}")
     return value
 
 
@@ -129,9 +227,9 @@ def parse_config(data: bytes, path: Path = DEFAULT_CONFIG_PATH) -> Config:
             kwargs[key] = Path(value)
     if "version_file" in raw:
         value = raw["version_file"]
-        if (not isinstance(value, str) or not value.endswith(".json") or "/" in value
-                or value.startswith(".")):
-            raise _fail(path, "version_file", f"must be a file name ending in .json, not {value!r}")
+        if not isinstance(value, str) or not CHANNEL_PATTERN.fullmatch(value):
+            raise _fail(path, "version_file", "must be version.json or version-NAME.json with "
+                        f"NAME of letters, digits and '_' (a channel), not {value!r}")
         kwargs["version_file"] = value
     if "box_id" in raw:
         if not isinstance(raw["box_id"], str) or not raw["box_id"].strip():
@@ -170,3 +268,21 @@ def load_config(path: Path = DEFAULT_CONFIG_PATH) -> Config:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
     return parse_config(data, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python3 -I -m opq_box_updater.config --check-url URL``: the maintainer scripts'
+    way to apply :func:`url_problem` (exit 0, or 2 with the reason on stdout)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2 or args[0] != "--check-url":
+        print("usage: python3 -m opq_box_updater.config --check-url URL", file=sys.stderr)
+        return 2
+    why = url_problem(args[1])
+    if why:
+        print(f"the URL {why}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
