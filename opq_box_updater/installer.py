@@ -22,74 +22,42 @@ import fcntl
 import glob
 import logging
 import os
-import shlex
 import shutil
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
+from .applyplan import (
+    APT_ARCHIVES,
+    APT_CONFIG_FILE,
+    CACHE_DIR,
+    CONFFILE_OPTIONS,
+    RUN_STATUS_FILE,
+    Commands,
+    UpdatePlan,
+    cache_name,
+    differs,
+    error_summary,
+    exit_text,
+    installed_version,
+    label,
+    script_failure,
+)
 from .config import Config
 from .errors import ApplyError, DpkgBusyError, PostponedError, SubprocessError, UpdaterError
 from .faults import fault_point
-from .guard import (
-    PackageState,
-    RunStatus,
-    dpkg_root_env,
-    not_installed,
-    query_packages,
-    read_status,
-    root_options,
-    run_recorded,
-)
-from .package import DebInfo, Manifest
-from .runner import Result, run, system_env, tail
+from .guard import RunStatus, not_installed, query_packages, read_status, run_recorded
+from .runner import Result, run, tail
+
+__all__ = ["APT_CONFIG_FILE", "RUN_STATUS_FILE", "Installer", "UpdatePlan", "cache_name",
+           "dpkg_locks"]
 
 logger = logging.getLogger(__name__)
 
-#: Written by the guard (or by :meth:`Installer.apply` for a package without debs) in the
-#: extraction directory: did the run script start, finish, with which status.
-RUN_STATUS_FILE = ".opq-run-script.json"
-APT_CONFIG_FILE = ".opq-apt.conf"
-CACHE_DIR = "debs"
-APT_ARCHIVES = Path("var/cache/apt/archives")
 #: Besides the version just applied, how many other versions of a package the cache keeps:
 #: one is what the next update needs to roll back to.
 KEEP_OTHER_VERSIONS = 1
-# An unattended run has no terminal: keep the admin's conffiles instead of failing at the
-# prompt (what unattended-upgrades does too).
-CONFFILE_OPTIONS = ("--force-confdef", "--force-confold")
-
-
-@dataclass(frozen=True)
-class UpdatePlan:
-    """One verified, extracted update, ready to apply."""
-
-    version: int  # release version being applied
-    previous_version: int  # installed release version (0 before the first update)
-    workdir: Path  # extraction dir; scripts already chmod 0700 by package.prepare_scripts
-    manifest: Manifest
-    debs: tuple[DebInfo, ...]  # in manifest order, already inspected
-
-    @property
-    def targets(self) -> dict[str, str]:
-        """Package name -> the version this update installs."""
-        return {deb.package: deb.version for deb in self.debs}
-
-    @property
-    def run_script(self) -> Path | None:
-        return self.workdir / self.manifest.run if self.manifest.run else None
-
-    @property
-    def status_file(self) -> Path:
-        return self.workdir / RUN_STATUS_FILE
-
-
-def cache_name(package: str, version: str, architecture: str) -> str:
-    """File name of a cached deb, as apt names its archives (an epoch's ``:`` as ``%3a``)."""
-    return f"{package}_{version.replace(':', '%3a')}_{architecture}.deb"
 
 
 def _lock_holder(path: Path) -> int | None:
@@ -166,42 +134,30 @@ class Installer:
         self.lock_poll = lock_poll
         self.timeout = timeout  # one dpkg/apt call
         self.script_timeout = script_timeout  # the run script, health check, each hook dir
+        self.commands = Commands(config, lock_timeout=self.lock_timeout,
+                                 script_timeout=script_timeout)
 
     # --- the public steps, in the order the orchestrator calls them -----------------------
 
     def describe(self, plan: UpdatePlan) -> list[str]:
         """The commands :meth:`pre_update`, :meth:`apply` and :meth:`post_update` would run,
         in order, one shell line each (comments for skipped hooks); runs nothing."""
-        lines = [self._describe_hook("pre-update.d")]
-        if plan.debs:
-            cmd, extra = self._install_command(plan)
-            prefix = "".join(f"{k}={shlex.quote(v)} " for k, v in extra.items())
-            lines.append(prefix + shlex.join(cmd))
-        elif plan.run_script:
-            lines.append(f"cd {shlex.quote(str(plan.workdir))} && "
-                         f"{shlex.quote(str(plan.run_script))}")
-        if plan.manifest.healthcheck:
-            lines.append(f"cd {shlex.quote(str(plan.workdir))} && "
-                         f"{shlex.quote(str(plan.workdir / plan.manifest.healthcheck))}")
-        lines.append(self._describe_hook("health.d"))
-        lines.append(self._describe_hook("post-update.d", exit_on_error=False)
-                     + "  # only after success")
-        return lines
+        return self.commands.describe(plan)
 
     def snapshot(self, plan: UpdatePlan) -> dict[str, str | None]:
         """The installed version of each package of the update, None when it is not installed
         (a package with only its conffiles left counts as not installed)."""
         states = query_packages(self.root, plan.targets)
-        return {name: _installed_version(states.get(name)) for name in plan.targets}
+        return {name: installed_version(states.get(name)) for name in plan.targets}
 
     def pre_update(self, plan: UpdatePlan) -> None:
         """Run ``pre-update.d``; a non-zero exit raises :class:`PostponedError` (nothing was
         changed; the update is retried next run)."""
-        cmd = self._hook("pre-update.d")
+        cmd = self.commands.hook("pre-update.d")
         if cmd is None:
             return
         try:
-            run(cmd, env=self._env(plan), timeout=self.script_timeout)
+            run(cmd, env=self.commands.env(plan), timeout=self.script_timeout)
         except SubprocessError as exc:
             raise PostponedError(f"a pre-update.d hook vetoed release {plan.version}: "
                                  f"{_last_line(exc)}") from None
@@ -220,7 +176,7 @@ class Installer:
             elif plan.run_script:
                 status = self._run_script(plan)
                 if not status.succeeded:
-                    raise ApplyError(_script_failure(plan, status))
+                    raise ApplyError(script_failure(plan, status))
             fault_point("after-dpkg")
             fault_point("before-health")
             self._health(plan)
@@ -236,10 +192,10 @@ class Installer:
         """
         # Only ``previous`` and the plan's version numbers matter: after a crash the plan may
         # be rebuilt from the journal without its files.
-        env = self._env(plan)
+        env = self.commands.env(plan)
         try:
             self._restore(previous, env, with_hooks=True)
-            if self._unrestored(previous) and self._has_invoke_hooks():
+            if self._unrestored(previous) and self.commands.has_invoke_hooks():
                 # The box's own hooks must not keep it half-updated: try once without them.
                 logger.warning("rollback incomplete with the pre-/post-invoke hooks; "
                                "retrying without them")
@@ -249,7 +205,7 @@ class Installer:
             raise  # the journal stays "rolling-back": the next run finishes the rollback
         except UpdaterError as exc:  # dpkg-query failed: nothing can be verified
             logger.error("rollback failed: %s", exc)
-            unrestored = tuple(_label(n, v) for n, v in sorted(previous.items()))
+            unrestored = tuple(label(n, v) for n, v in sorted(previous.items()))
         for name in unrestored:
             logger.error("rollback: could not restore %s", name)
         return unrestored
@@ -273,11 +229,11 @@ class Installer:
 
     def post_update(self, plan: UpdatePlan) -> None:
         """Run every ``post-update.d`` hook; a failure is logged and changes nothing."""
-        cmd = self._hook("post-update.d", exit_on_error=False)
+        cmd = self.commands.hook("post-update.d", exit_on_error=False)
         if cmd is None:
             return
         try:
-            run(cmd, env=self._env(plan), timeout=self.script_timeout)
+            run(cmd, env=self.commands.env(plan), timeout=self.script_timeout)
         except SubprocessError as exc:
             logger.error("a post-update.d hook failed (ignored): %s", _last_line(exc))
 
@@ -290,16 +246,17 @@ class Installer:
         del previous  # what to roll back to is the caller's business
         try:
             if plan.debs:
-                configure = [*self._dpkg(), *CONFFILE_OPTIONS, *self._invoke_options(None),
-                             "--configure", "-a"]
-                result = self._run_dpkg(configure, self._env(plan))
+                env = self.commands.env(plan)
+                configure = [*self.commands.dpkg(), *CONFFILE_OPTIONS,
+                             *self.commands.invoke_options(None), "--configure", "-a"]
+                result = self._run_dpkg(configure, env)
                 if result.returncode != 0:
                     logger.warning("dpkg --configure -a failed: %s", tail(result.output, 3))
                 problems = not_installed(plan.targets, query_packages(self.root, plan.targets))
                 if problems:
                     logger.warning("recovery: %s", "; ".join(problems))
                     return False
-                audit = run([*self._dpkg(), "--audit"], env=self._env(plan), check=False)
+                audit = run([*self.commands.dpkg(), "--audit"], env=env, check=False)
                 if audit.output.strip():
                     logger.warning("recovery: dpkg --audit reports:\n%s", tail(audit.output))
                     return False
@@ -309,7 +266,7 @@ class Installer:
                     logger.info("recovery: the run script never ran; running it now")
                     status = self._run_script(plan)
                 if not status.succeeded:
-                    logger.warning("recovery: %s", _script_failure(plan, status))
+                    logger.warning("recovery: %s", script_failure(plan, status))
                     return False
             self._health(plan)
         except DpkgBusyError:
@@ -319,102 +276,17 @@ class Installer:
             return False
         return True
 
-    # --- commands ------------------------------------------------------------------------
-
-    def _dpkg(self) -> list[str]:
-        if self.root == Path("/"):
-            return ["dpkg"]
-        # As non-root (a developer's sandbox, the demo) dpkg may not chown: let it try anyway.
-        not_root = ["--force-not-root"] if os.geteuid() != 0 else []
-        return ["dpkg", *root_options(self.root), "--force-script-chrootless",
-                f"--log={self.root / 'var/log/dpkg.log'}", *not_root]
-
-    def _hook(self, name: str, *, exit_on_error: bool = True) -> list[str] | None:
-        """``run-parts`` for one hook directory, None when it does not exist (= empty)."""
-        directory = self.config.hooks_dir / name
-        if not directory.is_dir():
-            return None
-        return ["run-parts", *(["--exit-on-error"] if exit_on_error else []), str(directory)]
-
-    def _describe_hook(self, name: str, *, exit_on_error: bool = True) -> str:
-        cmd = self._hook(name, exit_on_error=exit_on_error)
-        return shlex.join(cmd) if cmd else f"# {self.config.hooks_dir / name} is missing: skipped"
-
-    def _has_invoke_hooks(self) -> bool:
-        return any(self._hook(n) for n in ("pre-invoke.d", "post-invoke.d"))
-
-    def _guard_command(self, plan: UpdatePlan) -> str:
-        """The shell line dpkg runs as ``--post-invoke`` for the run script."""
-        assert plan.run_script is not None
-        expect = [arg for name, version in plan.targets.items()
-                  for arg in ("--expect", f"{name}={version}")]
-        # -P: never import from dpkg's cwd; the module path is a contract (see guard.py).
-        return shlex.join([sys.executable, "-P", "-m", "opq_box_updater.guard",
-                           "--dpkg-root", str(self.root), "--status-file", str(plan.status_file),
-                           "--workdir", str(plan.workdir), *expect,
-                           "--timeout", str(self.script_timeout), "--", str(plan.run_script)])
-
-    def _invoke_hooks(self, plan: UpdatePlan | None) -> tuple[list[str], list[str]]:
-        """Shell lines for dpkg's pre- and post-invoke hooks; ``plan`` None (rollback,
-        recovery) leaves out the run script."""
-        pre = self._hook("pre-invoke.d")
-        post = self._hook("post-invoke.d")
-        post_lines = [self._guard_command(plan)] if plan and plan.run_script else []
-        if post:
-            post_lines.append(shlex.join(post))
-        return ([shlex.join(pre)] if pre else []), post_lines
-
-    def _invoke_options(self, plan: UpdatePlan | None) -> list[str]:
-        pre, post = self._invoke_hooks(plan)
-        return [*(f"--pre-invoke={line}" for line in pre),
-                *(f"--post-invoke={line}" for line in post)]
-
-    def _install_command(self, plan: UpdatePlan) -> tuple[list[str], dict[str, str]]:
-        """The one dpkg (or apt-get) call of :meth:`apply`, and the environment it adds."""
-        debs = [os.path.abspath(plan.workdir / deb.filename) for deb in plan.debs]
-        if self.config.installer != "apt":
-            return [*self._dpkg(), *CONFFILE_OPTIONS, *self._invoke_options(plan), "-i",
-                    *debs], {}
-        pre, post = self._invoke_hooks(plan)
-        options = [f"DPkg::Lock::Timeout={int(self.lock_timeout)}",
-                   *(f"DPkg::Options::={opt}" for opt in CONFFILE_OPTIONS),
-                   *(f"DPkg::Pre-Invoke::={line}" for line in pre),
-                   *(f"DPkg::Post-Invoke::={line}" for line in post)]
-        # --reinstall: like dpkg -i, apply a deb even at the installed version, so that dpkg
-        # runs and with it the post-invoke hooks and the run script.
-        cmd = ["apt-get", "install", "--yes", "--reinstall", "--allow-downgrades",
-               *(arg for opt in options for arg in ("-o", opt)), *debs]
-        extra = {} if self.root == Path("/") else {
-            "APT_CONFIG": str(plan.workdir / APT_CONFIG_FILE)}
-        return cmd, extra
-
     def _write_apt_sandbox(self, plan: UpdatePlan) -> None:
-        """Point apt at the dpkg root: its own (empty) config, sources, lists and caches; the
-        host's /etc/apt is not read because APT_CONFIG is read first and moves ``Dir``."""
-        root = str(self.root)
-        if '"' in root:
-            raise ApplyError(f"dpkg_root {root!r} cannot be used with apt (contains a quote)")
+        """Create apt's directories inside the dpkg root and its ``APT_CONFIG`` file."""
+        try:
+            text = self.commands.apt_config()
+        except ValueError as exc:
+            raise ApplyError(str(exc)) from None
         for sub in ("etc/apt/apt.conf.d", "etc/apt/preferences.d", "etc/apt/sources.list.d",
                     "var/lib/apt/lists/partial", "var/cache/apt/archives/partial",
                     "var/log/apt"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        options = "".join(f' "{opt}";' for opt in self._dpkg()[1:])
-        (plan.workdir / APT_CONFIG_FILE).write_text(
-            f'Dir "{root}/";\nDir::State::status "{root}/var/lib/dpkg/status";\n'
-            f"DPkg::Options {{{options} }};\n"
-            # the extraction dir is 0700: apt's _apt user could not read the debs anyway
-            'APT::Sandbox::User "root";\n')
-
-    def _opq_env(self, plan: UpdatePlan) -> dict[str, str]:
-        return {"OPQ_UPDATE_VERSION": str(plan.version),
-                "OPQ_PREVIOUS_VERSION": str(plan.previous_version),
-                "OPQ_UPDATE_DIR": str(plan.workdir),
-                "DPKG_ROOT": dpkg_root_env(self.root)}
-
-    def _env(self, plan: UpdatePlan, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        env = system_env({**self._opq_env(plan), **(extra or {})})
-        env.setdefault("DEBIAN_FRONTEND", "noninteractive")
-        return env
+        (plan.workdir / APT_CONFIG_FILE).write_text(text)
 
     # --- running -------------------------------------------------------------------------
 
@@ -429,11 +301,11 @@ class Installer:
         assert plan.run_script is not None
         return run_recorded(plan.run_script, workdir=plan.workdir, dpkg_root=self.root,
                             status_file=plan.status_file, timeout=self.script_timeout,
-                            extra_env=self._opq_env(plan))
+                            extra_env=self.commands.opq_env(plan))
 
     def _install(self, plan: UpdatePlan) -> None:
-        cmd, extra = self._install_command(plan)
-        env = self._env(plan, extra)
+        cmd, extra = self.commands.install_command(plan)
+        env = self.commands.env(plan, extra)
         if self.config.installer == "apt":
             if self.root != Path("/"):
                 self._write_apt_sandbox(plan)
@@ -447,12 +319,12 @@ class Installer:
         tool = cmd[0]
         status = read_status(plan.status_file) if plan.run_script else None
         if status is not None and status.state == "finished" and not status.succeeded:
-            raise ApplyError(_script_failure(plan, status))
+            raise ApplyError(script_failure(plan, status))
         if result.returncode != 0:
-            raise ApplyError(f"{tool} failed ({_exit_text(result.returncode)}): "
-                             f"{_error_summary(result.output)}")
+            raise ApplyError(f"{tool} failed ({exit_text(result.returncode)}): "
+                             f"{error_summary(result.output, tool)}")
         if plan.run_script and (status is None or not status.succeeded):
-            raise ApplyError(_script_failure(plan, status))
+            raise ApplyError(script_failure(plan, status))
         problems = not_installed(plan.targets, query_packages(self.root, plan.targets))
         if problems:
             raise ApplyError(f"{tool} succeeded but " + "; ".join(problems))
@@ -460,7 +332,7 @@ class Installer:
     def _health(self, plan: UpdatePlan) -> None:
         """Run the package's health check, then ``health.d``; :class:`ApplyError` if either
         fails."""
-        env = self._env(plan)
+        env = self.commands.env(plan)
         if plan.manifest.healthcheck:
             script = plan.workdir / plan.manifest.healthcheck
             try:
@@ -468,7 +340,7 @@ class Installer:
             except SubprocessError as exc:
                 raise ApplyError(f"health check {plan.manifest.healthcheck} failed: "
                                  f"{_last_line(exc)}") from None
-        cmd = self._hook("health.d")
+        cmd = self.commands.hook("health.d")
         if cmd is not None:
             try:
                 run(cmd, env=env, timeout=self.script_timeout)
@@ -481,15 +353,15 @@ class Installer:
                  with_hooks: bool) -> None:
         """One rollback pass: purge what was new, then reinstall previous versions."""
         states = query_packages(self.root, previous)
-        purge = sorted(n for n, v in previous.items() if v is None and _differs(n, v, states))
+        purge = sorted(n for n, v in previous.items() if v is None and differs(n, v, states))
         reinstall = {n: v for n, v in previous.items()
-                     if v is not None and _differs(n, v, states)}
-        hooks = self._invoke_options(None) if with_hooks else []
+                     if v is not None and differs(n, v, states)}
+        hooks = self.commands.invoke_options(None) if with_hooks else []
         # Purge first: a new package may conflict with or break an old version. The set we
         # return to was consistent before the update, so dependencies broken on the way
         # are forced; reinstreq lets dpkg remove a package killed in its preinst.
         if purge:
-            result = self._run_dpkg([*self._dpkg(), *hooks, "--force-depends",
+            result = self._run_dpkg([*self.commands.dpkg(), *hooks, "--force-depends",
                                      "--force-remove-reinstreq", "--purge", *purge], env)
             _log_failure("dpkg --purge", result)
         fault_point("rollback-after-purge")
@@ -502,13 +374,13 @@ class Installer:
             else:
                 debs.append(str(deb))
         if debs:
-            result = self._run_dpkg([*self._dpkg(), *hooks, "--force-depends",
+            result = self._run_dpkg([*self.commands.dpkg(), *hooks, "--force-depends",
                                      *CONFFILE_OPTIONS, "-i", *debs], env)
             _log_failure("dpkg -i", result)
 
     def _unrestored(self, previous: Mapping[str, str | None]) -> tuple[str, ...]:
         states = query_packages(self.root, previous)
-        return tuple(_label(n, v) for n, v in sorted(previous.items()) if _differs(n, v, states))
+        return tuple(label(n, v) for n, v in sorted(previous.items()) if differs(n, v, states))
 
     def _find_deb(self, name: str, version: str) -> Path | None:
         """A deb of exactly ``name`` ``version`` from our cache, else apt's archives; the
@@ -535,22 +407,10 @@ class Installer:
 # --- small helpers ----------------------------------------------------------------------
 
 
-def _installed_version(state: PackageState | None) -> str | None:
-    if state is None or not state.present or state.status.endswith(" config-files"):
-        return None
-    return state.version
 
 
-def _differs(name: str, version: str | None, states: Mapping[str, PackageState]) -> bool:
-    """True when dpkg's record of ``name`` is not ``version`` (None: not installed, as in
-    :meth:`Installer.snapshot`), fully installed and configured."""
-    if version is None:
-        return _installed_version(states.get(name)) is not None
-    return bool(not_installed({name: version}, states))
 
 
-def _label(name: str, version: str | None) -> str:
-    return f"{name}={version if version is not None else '(not installed)'}"
 
 
 def _last_line(exc: SubprocessError) -> str:
@@ -558,41 +418,16 @@ def _last_line(exc: SubprocessError) -> str:
     return f"{exc} ({last})" if last else str(exc)
 
 
-def _script_failure(plan: UpdatePlan, status: RunStatus | None) -> str:
-    name = plan.manifest.run
-    if status is None or status.state == "skipped":
-        why = status.detail if status else "no status recorded"
-        return f"run script {name} did not run ({why})"
-    if status.state == "started":
-        return f"run script {name} was interrupted"
-    last = tail(status.detail, 1)
-    code = "could not be run" if status.returncode is None else _exit_text(status.returncode)
-    return f"run script {name} failed ({code}){': ' + last if last else ''}"
 
 
-def _error_summary(output: str) -> str:
-    """dpkg's or apt's last error with its indented continuation lines, else the last line:
-    what an operator needs in the one-line message (the whole output is in the log)."""
-    lines = output.splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith(("dpkg: error", "E: "))]
-    if not starts:
-        return tail(output, 1)
-    first = starts[-1]
-    end = first + 1
-    while end < len(lines) and lines[end].startswith(" "):
-        end += 1
-    return " ".join(line.strip() for line in lines[first:end])
 
 
-def _exit_text(returncode: int) -> str:
-    return f"killed by signal {-returncode}" if returncode < 0 else \
-        f"exit status {returncode}"
 
 
 def _log_failure(what: str, result: Result) -> None:
     if result.returncode:
         logger.warning("rollback: %s failed (%s):\n%s", what,
-                       _exit_text(result.returncode), tail(result.output))
+                       exit_text(result.returncode), tail(result.output))
 
 
 def _deb_identity(path: Path) -> tuple[str, str] | None:

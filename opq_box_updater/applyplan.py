@@ -1,0 +1,299 @@
+"""What applying an update will run, decided without running anything (DESIGN 3.2).
+
+The seam of the apply path: this module plans — the :class:`UpdatePlan`, the exact dpkg or
+apt-get command line with its hooks and the guarded run script, the environment every script
+gets, the ``run --dry-run`` description — and reads dpkg's answers with pure functions (which
+package is installed at which version, what an error says, which dependencies are missing).
+:mod:`opq_box_updater.installer` runs these commands, holds dpkg's locks, rolls back and
+recovers. Nothing here starts a process or writes a file, so all of it is tested on strings.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .guard import PackageState, RunStatus, dpkg_root_env, not_installed, root_options
+from .package import DebInfo, Manifest
+from .runner import system_env, tail
+
+#: Written by the guard (or by the installer for a package without debs) in the extraction
+#: directory: did the run script start, finish, with which status.
+RUN_STATUS_FILE = ".opq-run-script.json"
+APT_CONFIG_FILE = ".opq-apt.conf"
+CACHE_DIR = "debs"
+APT_ARCHIVES = Path("var/cache/apt/archives")
+# An unattended run has no terminal: keep the admin's conffiles instead of failing at the
+# prompt (what unattended-upgrades does too).
+CONFFILE_OPTIONS = ("--force-confdef", "--force-confold")
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    """One verified, extracted update, ready to apply."""
+
+    version: int  # release version being applied
+    previous_version: int  # installed release version (0 before the first update)
+    workdir: Path  # extraction dir; scripts already chmod 0700 by package.prepare_scripts
+    manifest: Manifest
+    debs: tuple[DebInfo, ...]  # in manifest order, already inspected
+
+    @property
+    def targets(self) -> dict[str, str]:
+        """Package name -> the version this update installs."""
+        return {deb.package: deb.version for deb in self.debs}
+
+    @property
+    def run_script(self) -> Path | None:
+        return self.workdir / self.manifest.run if self.manifest.run else None
+
+    @property
+    def status_file(self) -> Path:
+        return self.workdir / RUN_STATUS_FILE
+
+
+def cache_name(package: str, version: str, architecture: str) -> str:
+    """File name of a cached deb, as apt names its archives (an epoch's ``:`` as ``%3a``)."""
+    return f"{package}_{version.replace(':', '%3a')}_{architecture}.deb"
+
+
+class Commands:
+    """The command lines and environments of one box (``config``); builds, never runs."""
+
+    def __init__(self, config: Config, *, lock_timeout: float, script_timeout: float) -> None:
+        self.config = config
+        self.root = config.dpkg_root
+        self.lock_timeout = lock_timeout
+        self.script_timeout = script_timeout
+
+    def dpkg(self) -> list[str]:
+        """dpkg, confined to ``dpkg_root`` when that is not ``/``."""
+        if self.root == Path("/"):
+            return ["dpkg"]
+        # As non-root (a developer's sandbox, the demo) dpkg may not chown: let it try anyway.
+        not_root = ["--force-not-root"] if os.geteuid() != 0 else []
+        return ["dpkg", *root_options(self.root), "--force-script-chrootless",
+                f"--log={self.root / 'var/log/dpkg.log'}", *not_root]
+
+    def hook(self, name: str, *, exit_on_error: bool = True) -> list[str] | None:
+        """``run-parts`` for one hook directory, None when it does not exist (= empty)."""
+        directory = self.config.hooks_dir / name
+        if not directory.is_dir():
+            return None
+        return ["run-parts", *(["--exit-on-error"] if exit_on_error else []), str(directory)]
+
+    def has_invoke_hooks(self) -> bool:
+        return any(self.hook(n) for n in ("pre-invoke.d", "post-invoke.d"))
+
+    def describe(self, plan: UpdatePlan) -> list[str]:
+        """The commands the installer's ``pre_update``, ``apply`` and ``post_update`` would
+        run, in order, one shell line each (comments for skipped hooks)."""
+        lines = [self._describe_hook("pre-update.d")]
+        if plan.debs:
+            cmd, extra = self.install_command(plan)
+            prefix = "".join(f"{k}={shlex.quote(v)} " for k, v in extra.items())
+            lines.append(prefix + shlex.join(cmd))
+        elif plan.run_script:
+            lines.append(f"cd {shlex.quote(str(plan.workdir))} && "
+                         f"{shlex.quote(str(plan.run_script))}")
+        if plan.manifest.healthcheck:
+            lines.append(f"cd {shlex.quote(str(plan.workdir))} && "
+                         f"{shlex.quote(str(plan.workdir / plan.manifest.healthcheck))}")
+        lines.append(self._describe_hook("health.d"))
+        lines.append(self._describe_hook("post-update.d", exit_on_error=False)
+                     + "  # only after success")
+        return lines
+
+    def _describe_hook(self, name: str, *, exit_on_error: bool = True) -> str:
+        cmd = self.hook(name, exit_on_error=exit_on_error)
+        return shlex.join(cmd) if cmd else f"# {self.config.hooks_dir / name} is missing: skipped"
+
+    def guard_command(self, plan: UpdatePlan) -> str:
+        """The shell line dpkg runs as ``--post-invoke`` for the run script."""
+        assert plan.run_script is not None
+        expect = [arg for name, version in plan.targets.items()
+                  for arg in ("--expect", f"{name}={version}")]
+        # -P: never import from dpkg's cwd; the module path is a contract (see guard.py).
+        return shlex.join([sys.executable, "-P", "-m", "opq_box_updater.guard",
+                           "--dpkg-root", str(self.root), "--status-file", str(plan.status_file),
+                           "--workdir", str(plan.workdir), *expect,
+                           "--timeout", str(self.script_timeout), "--", str(plan.run_script)])
+
+    def invoke_hooks(self, plan: UpdatePlan | None) -> tuple[list[str], list[str]]:
+        """Shell lines for dpkg's pre- and post-invoke hooks; ``plan`` None (rollback,
+        recovery) leaves out the run script."""
+        pre = self.hook("pre-invoke.d")
+        post = self.hook("post-invoke.d")
+        post_lines = [self.guard_command(plan)] if plan and plan.run_script else []
+        if post:
+            post_lines.append(shlex.join(post))
+        return ([shlex.join(pre)] if pre else []), post_lines
+
+    def invoke_options(self, plan: UpdatePlan | None) -> list[str]:
+        pre, post = self.invoke_hooks(plan)
+        return [*(f"--pre-invoke={line}" for line in pre),
+                *(f"--post-invoke={line}" for line in post)]
+
+    def install_command(self, plan: UpdatePlan) -> tuple[list[str], dict[str, str]]:
+        """The one dpkg (or apt-get) call that applies the plan, and the environment it
+        adds."""
+        debs = [os.path.abspath(plan.workdir / deb.filename) for deb in plan.debs]
+        if self.config.installer != "apt":
+            return [*self.dpkg(), *CONFFILE_OPTIONS, *self.invoke_options(plan), "-i",
+                    *debs], {}
+        pre, post = self.invoke_hooks(plan)
+        options = [f"DPkg::Lock::Timeout={int(self.lock_timeout)}",
+                   *(f"DPkg::Options::={opt}" for opt in CONFFILE_OPTIONS),
+                   *(f"DPkg::Pre-Invoke::={line}" for line in pre),
+                   *(f"DPkg::Post-Invoke::={line}" for line in post)]
+        # --reinstall: like dpkg -i, apply a deb even at the installed version, so that dpkg
+        # runs and with it the post-invoke hooks and the run script.
+        cmd = ["apt-get", "install", "--yes", "--reinstall", "--allow-downgrades",
+               *(arg for opt in options for arg in ("-o", opt)), *debs]
+        extra = {} if self.root == Path("/") else {
+            "APT_CONFIG": str(plan.workdir / APT_CONFIG_FILE)}
+        return cmd, extra
+
+    def apt_config(self) -> str:
+        """The ``APT_CONFIG`` file pointing apt at the dpkg root: its own (empty) config,
+        sources, lists and caches; the host's /etc/apt is not read because APT_CONFIG is
+        read first and moves ``Dir``. Raises ValueError for a root apt cannot quote."""
+        root = str(self.root)
+        if '"' in root:
+            raise ValueError(f"dpkg_root {root!r} cannot be used with apt (contains a quote)")
+        options = "".join(f' "{opt}";' for opt in self.dpkg()[1:])
+        return (f'Dir "{root}/";\nDir::State::status "{root}/var/lib/dpkg/status";\n'
+                f"DPkg::Options {{{options} }};\n"
+                # the extraction dir is 0700: apt's _apt user could not read the debs anyway
+                'APT::Sandbox::User "root";\n')
+
+    def opq_env(self, plan: UpdatePlan) -> dict[str, str]:
+        return {"OPQ_UPDATE_VERSION": str(plan.version),
+                "OPQ_PREVIOUS_VERSION": str(plan.previous_version),
+                "OPQ_UPDATE_DIR": str(plan.workdir),
+                "DPKG_ROOT": dpkg_root_env(self.root)}
+
+    def env(self, plan: UpdatePlan, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = system_env({**self.opq_env(plan), **(extra or {})})
+        env.setdefault("DEBIAN_FRONTEND", "noninteractive")
+        return env
+
+
+# --- reading dpkg's answers --------------------------------------------------------------
+
+
+def installed_version(state: PackageState | None) -> str | None:
+    """The installed version, None when not installed (only conffiles left counts as not
+    installed)."""
+    if state is None or not state.present or state.status.endswith(" config-files"):
+        return None
+    return state.version
+
+
+def differs(name: str, version: str | None, states: Mapping[str, PackageState]) -> bool:
+    """True when dpkg's record of ``name`` is not ``version`` (None: not installed, as in
+    the installer's snapshot), fully installed and configured."""
+    if version is None:
+        return installed_version(states.get(name)) is not None
+    return bool(not_installed({name: version}, states))
+
+
+def label(name: str, version: str | None) -> str:
+    return f"{name}={version if version is not None else '(not installed)'}"
+
+
+def exit_text(returncode: int) -> str:
+    return f"killed by signal {-returncode}" if returncode < 0 else \
+        f"exit status {returncode}"
+
+
+def script_failure(plan: UpdatePlan, status: RunStatus | None) -> str:
+    """One line on why the run script did not succeed, from its recorded status."""
+    name = plan.manifest.run
+    if status is None or status.state == "skipped":
+        why = status.detail if status else "no status recorded"
+        return f"run script {name} did not run ({why})"
+    if status.state == "started":
+        return f"run script {name} was interrupted"
+    last = tail(status.detail, 1)
+    code = "could not be run" if status.returncode is None else exit_text(status.returncode)
+    return f"run script {name} failed ({code}){': ' + last if last else ''}"
+
+
+def error_summary(output: str, tool: str = "dpkg") -> str:
+    """dpkg's or apt's last error with its indented continuation lines, else the last line,
+    preceded by the missing dependencies when there are any: what an operator needs in the
+    one-line message (the whole output is in the log)."""
+    lines = output.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(("dpkg: error", "E: "))]
+    if not starts:
+        summary = tail(output, 1)
+    else:
+        first = starts[-1]
+        end = first + 1
+        while end < len(lines) and lines[end].startswith(" "):
+            end += 1
+        summary = " ".join(line.strip() for line in lines[first:end])
+    missing = missing_dependencies(output)
+    if not missing:
+        return summary
+    advice = ("add them to the box's apt sources or ship them in the release" if tool == "apt-get"
+              else "install them on the box, ship them in the release, or use installer: apt")
+    return f"missing dependencies: {'; '.join(missing)} ({advice}) - {summary}"
+
+
+# dpkg (checked with 1.21): " app depends on libfoo (>= 1.2); however:" followed by
+# "  Package libfoo is not installed." or "  Version of libfoo on system is 1.0."; for a
+# pre-dependency " app pre-depends on libpre" followed by "  libpre is not installed.".
+_DPKG_NEEDS = re.compile(r" (\S+) (?:pre-)?depends on (.+?)(?:; however:|\.)?")
+_DPKG_ABSENT = re.compile(r"  (?:Package )?(\S+) is (.+?)\.")
+_DPKG_VERSION = re.compile(r"  Version of (\S+) on system is (\S+)\.")
+# apt-get: " app : Depends: libfoo (>= 1.2) but it is not installable", then continuation
+# lines "       Depends: libq but it is not going to be installed".
+_APT_NEEDS = re.compile(r" (?:(\S+) +: +| +)(?:Pre-?)?Depends: (.+?)(?: but (.+))?")
+
+
+@dataclass
+class _Need:
+    owner: str
+    relation: str
+    reasons: list[str]
+
+
+def missing_dependencies(output: str) -> list[str]:
+    """The unmet dependencies dpkg (or apt-get) reports in ``output``, one entry per package
+    that needs them, e.g. ``app needs libfoo (>= 1.2) (not installed), libold (>= 2.0)
+    (libold 1.0 is installed)``. Empty when the output reports none."""
+    needs: list[_Need] = []
+    current: _Need | None = None  # the dpkg relation whose reasons follow
+    apt_owner: str | None = None  # the package of the apt lines that follow
+    for line in output.splitlines():
+        if match := _DPKG_NEEDS.fullmatch(line):
+            current = _Need(match.group(1), match.group(2), [])
+            needs.append(current)
+            apt_owner = None
+        elif current is not None and (match := _DPKG_VERSION.fullmatch(line)):
+            current.reasons.append(f"{match.group(1)} {match.group(2)} is installed")
+        elif current is not None and (match := _DPKG_ABSENT.fullmatch(line)):
+            alternatives = "|" in current.relation
+            current.reasons.append(f"{match.group(1)} {match.group(2)}" if alternatives
+                                   else match.group(2))
+        elif (match := _APT_NEEDS.fullmatch(line)) and (match.group(1) or apt_owner):
+            apt_owner = match.group(1) or apt_owner
+            assert apt_owner is not None
+            reason = (match.group(3) or "").removeprefix("it is ")
+            needs.append(_Need(apt_owner, match.group(2), [reason] if reason else []))
+            current = None
+        else:
+            current = apt_owner = None
+    by_owner: dict[str, list[str]] = {}
+    for need in needs:
+        text = need.relation + (f" ({', '.join(need.reasons)})" if need.reasons else "")
+        by_owner.setdefault(need.owner, []).append(text)
+    return [f"{owner} needs {', '.join(items)}" for owner, items in by_owner.items()]
