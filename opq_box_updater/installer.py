@@ -11,6 +11,8 @@ What this module guarantees:
   ``APT_CONFIG`` pointing into R): the host's package database is never touched.
 * dpkg is only started while this process holds dpkg's frontend lock (waited for, within
   ``lock_timeout``), the protocol apt uses (``DPKG_FRONTEND_LOCKED``).
+* What to run (command lines, environments) and how to read dpkg's answers is planned in
+  :mod:`opq_box_updater.applyplan`, without running anything; this module runs it.
 * :meth:`Installer.apply` raises :class:`ApplyError` for any failure from the dpkg call on and
   never rolls back itself; :meth:`Installer.rollback` never raises for a failed restore: it
   verifies the result with dpkg-query and returns what it could not restore.
@@ -407,21 +409,9 @@ class Installer:
 # --- small helpers ----------------------------------------------------------------------
 
 
-
-
-
-
-
-
 def _last_line(exc: SubprocessError) -> str:
     last = tail(exc.output_tail, 1)
     return f"{exc} ({last})" if last else str(exc)
-
-
-
-
-
-
 
 
 def _log_failure(what: str, result: Result) -> None:
