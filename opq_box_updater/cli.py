@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import grp
 import json
 import logging
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import DEFAULT_CONFIG_PATH, Config, load_config
+from .config import DEFAULT_CONFIG_PATH, Config, load_config, stored_box_id, with_box_id
 from .errors import (
     ApplyError,
     ConfigError,
@@ -27,6 +30,7 @@ from .errors import (
     StateError,
     UpdaterError,
 )
+from .fsutil import unsafe_dir_reason
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -49,6 +53,12 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
 
 logger = logging.getLogger("opq_box_updater")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+#: The log file's owner group and mode, the same from the postinst through the updater to
+#: logrotate's ``create 0640 root adm`` (Debian's convention for logs).
+LOG_GROUP = "adm"
+LOG_MODE = 0o640
+#: ``extra`` for a record whose stderr line says ``error:``; the log file has the level name.
+ERROR_LINE = {"stderr_prefix": "error: "}
 
 
 def exit_code_for(exc: BaseException) -> int:
@@ -94,12 +104,20 @@ class _StderrFilter(logging.Filter):
         return self.verbose or not getattr(record, "log_file_only", False)
 
 
+class _StderrFormatter(logging.Formatter):
+    """The message, after a ``stderr_prefix`` the record may carry (``error: ``): stderr says
+    ``error: X`` where the log file says ``ERROR X``, never ``ERROR error: X``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return str(getattr(record, "stderr_prefix", "")) + super().format(record)
+
+
 def setup_logging(verbose: bool, quiet: bool) -> None:
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_StderrFormatter("%(message)s"))
     handler.addFilter(_StderrFilter(verbose))
     logger.addHandler(handler)
 
@@ -107,6 +125,9 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
 class _LogFileHandler(logging.FileHandler):
     """The log file; when a write fails (disk full, I/O error) it says so once on stderr and
     drops out, instead of logging's own traceback for every later line."""
+
+    def _open(self) -> Any:
+        return os.fdopen(open_log_file(Path(self.baseFilename)), "a", encoding="utf-8")
 
     def handleError(self, record: logging.LogRecord) -> None:
         error = sys.exc_info()[1]
@@ -120,14 +141,66 @@ class _LogFileHandler(logging.FileHandler):
             self.close()
 
 
+def open_log_file(path: Path) -> int:
+    """Open the log for appending without following a symlink and only when it is a regular
+    file (a planted link must not make root append to another file), with the owner and mode
+    the postinst and logrotate give it: root:adm 0640 when run as root."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                 | os.O_NONBLOCK, LOG_MODE)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+        if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != LOG_MODE:
+            os.fchmod(fd, LOG_MODE)
+        if os.geteuid() == 0:
+            with contextlib.suppress(KeyError):
+                gid = grp.getgrnam(LOG_GROUP).gr_gid
+                if (st.st_uid, st.st_gid) != (0, gid):
+                    os.fchown(fd, 0, gid)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_log_dir(path: Path) -> None:
+    """Refuse (exit 2) a log directory another local user owns or may write to: they could
+    swap the log for a link or a fifo between runs."""
+    why = unsafe_dir_reason(path.parent)
+    if why and os.geteuid() != 0 and _closed_root_dir(path.parent):
+        why = None  # a user looking at root's box: safe, and the open says "needs root"
+    if why:
+        raise ConfigError(f"log directory {path.parent} {why}: make it root's and not "
+                          f"writable by others (chown root:root {path.parent}; "
+                          f"chmod 0755 {path.parent})")
+
+
+def _closed_root_dir(path: Path) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == 0
+            and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
 def add_log_file(path: Path) -> None:
     """Log to the config's log file; an unwritable log is a warning, never a failed run."""
+    check_log_dir(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         handler = _LogFileHandler(path, encoding="utf-8")
+    except PermissionError:
+        if os.geteuid() != 0:
+            raise  # a user, not a broken disk: main() says that this needs root
+        logger.warning("cannot write the log file %s (permission denied); logging to stderr "
+                       "only", path)
+        return
     except OSError as exc:
         logger.warning("cannot write the log file %s (%s); logging to stderr only", path,
-                       exc.strerror)
+                       exc.strerror or exc)
         return
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -168,11 +241,13 @@ def _status(config: Config, as_json: bool) -> int:
         "last_run": last.get("last_run"),
         "last_result": last.get("last_result"),
         "last_message": last.get("last_message"),
-        "failed_versions": list(state.failed_versions) if state else [],
+        "failed_versions":
+            list(state.channel(config.version_file).failed_versions) if state else [],
+        "installed_channel": state.installed_channel if state else None,
         "applied_packages": dict(state.applied_packages) if state else {},
         "unrestored_packages": list(state.unrestored) if state else [],
         "phase": state.journal.phase if state else "idle",
-        "box_id": config.box_id,
+        "box_id": config.box_id or stored_box_id(config.state_dir),
         "server_url": config.server_url,
         "version_file": config.version_file,
     }
@@ -189,7 +264,7 @@ def _status(config: Config, as_json: bool) -> int:
         ("applied packages", ", ".join(f"{k}={v}" for k, v in
                                        sorted(info["applied_packages"].items())) or "none"),
         ("server", f"{config.server_url} ({config.version_file})"),
-        ("box id", config.box_id or "unknown"),
+        ("box id", info["box_id"] or "none yet (generated on the first run)"),
     ]
     if info["unrestored_packages"]:
         rows.append(("NOT RESTORED", ", ".join(info["unrestored_packages"])))
@@ -203,7 +278,7 @@ def _status(config: Config, as_json: bool) -> int:
 def _run(config: Config, args: argparse.Namespace) -> int:
     from .updater import Updater
 
-    updater = Updater(config)
+    updater = Updater(with_box_id(config))
     if args.command == "check":
         outcome = updater.run(check_only=True)
         logger.info("check: %s", outcome.message, extra={"log_file_only": True})
@@ -245,13 +320,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except Exception as exc:
         code = exit_code_for(exc)
+        needs_root = _needs_root(exc)
+        if needs_root:
+            logger.error("%s: permission denied: 'opq-box-updater %s' needs root (sudo "
+                         "opq-box-updater %s)", needs_root, args.command, args.command,
+                         extra=ERROR_LINE, exc_info=args.verbose)
+            return EXIT_CONFIG
         if isinstance(exc, UpdaterError):
-            logger.error("error: %s", exc, exc_info=args.verbose)
+            logger.error("%s", exc, extra=ERROR_LINE, exc_info=args.verbose)
         else:
             hint = "" if args.verbose else " (run again with -v for a traceback)"
             logger.error("unexpected error: %s: %s%s", type(exc).__name__, exc, hint,
                          exc_info=args.verbose)
         return code
+
+
+def _needs_root(exc: BaseException) -> str | None:
+    """The file a non-root user was denied (a usage error: the box's files are root's), or
+    ``None``. Root being denied is something else and stays unexpected."""
+    if os.geteuid() == 0:
+        return None
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:  # also when wrapped in StateError
+        seen.add(id(error))
+        if isinstance(error, PermissionError):
+            return str(error.filename or "a file of the box")
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

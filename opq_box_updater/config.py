@@ -98,13 +98,13 @@ def with_box_id(config: Config) -> Config:
     if config.box_id:
         return config
     state_dir = config.state_dir
+    stored = stored_box_id(state_dir)
+    if stored:
+        return config._replace(box_id=stored)
     why = unsafe_dir_reason(state_dir)
     if why:
         raise ConfigError(f"state directory {state_dir} {why}: make it root's and not "
                           f"writable by others (chown root: {state_dir}; chmod 0700 {state_dir})")
-    stored = stored_box_id(state_dir)
-    if stored:
-        return config._replace(box_id=stored)
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     box_id = secrets.token_hex(16)
     atomic_write(state_dir / BOX_ID_FILE, (box_id + "\n").encode("ascii"), mode=0o644)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -129,3 +134,138 @@ def test_status_into_a_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
         f"sleep 0 | {sys.executable} -m opq_box_updater.cli --config {path} status | true",
         shell=True, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+# --- messages, the log file and its directory (issue 13, 4 and 2) ------------------------
+
+
+@pytest.fixture
+def root_box(tmp_path: Path) -> Iterator[Path]:
+    """A box laid out as the package leaves it, in a directory other users may traverse:
+    config 0644, state 0700 with a lock 0600, log directory 0755 with a log 0640."""
+    from reposim import RepoSim
+
+    base = Path(tempfile.mkdtemp(prefix="opq-cli-"))
+    base.chmod(0o755)
+    anchor = base / "root.json"
+    anchor.write_bytes(RepoSim(tmp_path / "repo").anchor_bytes)
+    anchor.chmod(0o644)
+    (base / "state").mkdir(mode=0o700)
+    (base / "state/lock").touch(mode=0o600)
+    (base / "log").mkdir(mode=0o755)
+    (base / "log/box_updater.log").touch(mode=0o640)
+    path = config(base, trust_root=str(anchor))
+    path.chmod(0o644)
+    yield path
+    shutil.rmtree(base)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a command as nobody")
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["check"], ["run"]])
+def test_a_user_is_told_that_the_command_needs_root(root_box: Path, command: list[str]) -> None:
+    before = {p: p.read_bytes() for p in root_box.parent.rglob("*") if p.is_file()}
+    proc = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+         sys.executable, "-m", "opq_box_updater.cli", "--config", str(root_box), *command],
+        capture_output=True, text=True, timeout=60, cwd="/", env={"PATH": os.defpath})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs root" in lines[0], proc.stderr
+    assert "unexpected" not in proc.stderr and "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in root_box.parent.rglob("*") if p.is_file()} == before
+
+
+def test_an_error_is_logged_once_without_a_doubled_error_word(tmp_path: Path) -> None:
+    from reposim import RepoSim
+
+    path = config(tmp_path, trust_root=str(RepoSim(tmp_path / "repo").anchor),
+                  timeouts={"connect": 2, "read": 2, "total": 5})
+    proc = cli("--config", str(path), "run")
+    assert proc.returncode == 4
+    assert proc.stderr.startswith("error: "), proc.stderr
+    log = (tmp_path / "log/box_updater.log").read_text()
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "ERROR error" not in log and "127.0.0.1:9" in errors[0], log
+
+
+def test_the_log_is_created_root_adm_0640_as_logrotate_does(tmp_path: Path) -> None:
+    cli("--config", str(config(tmp_path)), "check")
+    st = (tmp_path / "log/box_updater.log").stat()
+    assert stat.S_IMODE(st.st_mode) == 0o640
+    if os.geteuid() == 0:
+        assert (st.st_uid, st.st_gid) == (0, grp.getgrnam("adm").gr_gid)
+
+
+def test_a_log_created_0644_by_crons_redirect_is_brought_to_0640(tmp_path: Path) -> None:
+    log = tmp_path / "log/box_updater.log"
+    log.parent.mkdir()
+    log.write_text("")
+    log.chmod(0o644)
+    cli("--config", str(config(tmp_path)), "check")
+    assert stat.S_IMODE(log.stat().st_mode) == 0o640
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_the_log_is_never_written_through_a_link_or_into_a_fifo(tmp_path: Path,
+                                                                kind: str) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("root-only secret\n")
+    victim.chmod(0o600)
+    log = tmp_path / "log/box_updater.log"
+    log.parent.mkdir()
+    if kind == "symlink":
+        log.symlink_to(victim)
+    else:
+        os.mkfifo(log)
+    proc = cli("--config", str(config(tmp_path)), "check")
+    assert proc.returncode == 2 and "trust anchor" in proc.stderr, proc.stderr  # still runs
+    assert "cannot write the log file" in proc.stderr
+    assert victim.read_text() == "root-only secret\n"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o1777])
+def test_a_log_directory_others_can_write_is_refused(tmp_path: Path, mode: int) -> None:
+    from reposim import RepoSim
+
+    path = config(tmp_path, trust_root=str(RepoSim(tmp_path / "repo").anchor))
+    logs = tmp_path / "log"
+    logs.mkdir()
+    logs.chmod(mode)
+    proc = cli("--config", str(path), "check")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"log directory {logs}" in lines[0] and "chmod" in lines[0]
+    assert list(logs.iterdir()) == []
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_box_without_an_id_reports_one_generated_id(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """No box_id in the config, no /etc/machine-id: one id, generated by the first run,
+    kept in the state dir and reported by status (not 'unknown' for every such box)."""
+    from reposim import RepoSim
+
+    from opq_box_updater import config as config_module
+    from opq_box_updater.cli import logger, main
+
+    monkeypatch.setattr(config_module, "MACHINE_ID", tmp_path / "no-machine-id")
+    path = config(tmp_path, trust_root=str(RepoSim(tmp_path / "repo").anchor),
+                  timeouts={"connect": 2, "read": 2, "total": 5})
+    doc = json.loads(path.read_text())
+    del doc["box_id"]
+    path.write_text(json.dumps(doc))
+    handlers = list(logger.handlers)
+    try:
+        assert main(["--config", str(path), "-q", "check"]) == 4
+        stored = (tmp_path / "state/box_id").read_text().strip()
+        capsys.readouterr()
+        assert main(["--config", str(path), "status", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["box_id"] == stored
+        assert main(["--config", str(path), "-q", "check"]) == 4
+        assert (tmp_path / "state/box_id").read_text().strip() == stored
+    finally:
+        for handler in logger.handlers[len(handlers):]:
+            logger.removeHandler(handler)
+            handler.close()
