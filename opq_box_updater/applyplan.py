@@ -20,13 +20,9 @@ from pathlib import Path
 
 from .config import Config
 from .guard import PackageState, RunStatus, dpkg_root_env, not_installed, root_options
-from .package import DebInfo, Manifest
+from .package import APT_CONFIG_FILE, RUN_STATUS_FILE, DebInfo, Manifest
 from .runner import system_env, tail
 
-#: Written by the guard (or by the installer for a package without debs) in the extraction
-#: directory: did the run script start, finish, with which status.
-RUN_STATUS_FILE = ".opq-run-script.json"
-APT_CONFIG_FILE = ".opq-apt.conf"
 CACHE_DIR = "debs"
 APT_ARCHIVES = Path("var/cache/apt/archives")
 # An unattended run has no terminal: keep the admin's conffiles instead of failing at the

@@ -33,6 +33,12 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
+#: Files the updater itself writes into an extraction directory: the run-script guard's status
+#: and apt's sandbox config. A package may not carry them (a planted status file could vouch
+#: for a run script that never ran), and they are not the package's "unlisted entries".
+RUN_STATUS_FILE = ".opq-run-script.json"
+APT_CONFIG_FILE = ".opq-apt.conf"
+UPDATER_FILES = frozenset({RUN_STATUS_FILE, APT_CONFIG_FILE})
 MAX_MEMBERS = 1000
 
 #: Bytes read and written per step while extracting: memory stays flat whatever the sizes.
@@ -180,6 +186,9 @@ def _check_members(infos: Sequence[zipfile.ZipInfo], archive_size: int, max_memb
         if not member.is_dir:
             files.add(member.parts)
         parents.update(member.parts[:i] for i in range(1, len(member.parts)))
+    reserved = sorted(seen[(name,)] for name in UPDATER_FILES if (name,) in seen)
+    if reserved:
+        _refuse(f"member {reserved[0]!r} is a name reserved for the updater's own files")
     clashes = files & parents
     if clashes:
         _refuse(f"member {seen[min(clashes)]!r} is a file but other members are inside it")
@@ -326,7 +335,10 @@ def load_manifest(extract_dir: Path, expected_version: int) -> Manifest:
     JSON types, ``format`` 1, a ``version`` other than ``expected_version`` (a correctly
     signed package of another release), and names that are not plain files of the package.
     Other files in the package are allowed and logged: the run script runs in the
-    extraction directory and may use data files shipped next to it (the seed's behaviour).
+    extraction directory and may use data files shipped next to it (the seed's behaviour);
+    but a ``.deb`` anywhere in the package that the manifest does not list is refused
+    (DESIGN 3.2: every deb's name is listed), so what is applied is exactly what is signed
+    and shown by ``run --dry-run``.
     """
     data = _read_regular_file(extract_dir / MANIFEST_NAME, MAX_MANIFEST_BYTES)
     try:
@@ -360,8 +372,15 @@ def load_manifest(extract_dir: Path, expected_version: int) -> Manifest:
         _refuse(f"{MANIFEST_NAME} names a file twice: {named}")
     if not manifest.debs and manifest.run is None:
         _refuse(f"{MANIFEST_NAME} has neither debs nor a run script: nothing to apply")
-    others = sorted(p.name for p in extract_dir.iterdir() if p.name not in {MANIFEST_NAME,
-                                                                             *named})
+    unlisted_debs = sorted(
+        str(path.relative_to(extract_dir)) for path in extract_dir.rglob("*")
+        if path.name.lower().endswith(".deb") and not path.is_dir()
+        and str(path.relative_to(extract_dir)) not in manifest.debs)
+    if unlisted_debs:
+        _refuse(f"{', '.join(unlisted_debs[:10])}{' ...' if len(unlisted_debs) > 10 else ''}: "
+                f"a .deb that {MANIFEST_NAME} does not list")
+    others = sorted(p.name for p in extract_dir.iterdir()
+                    if p.name not in {MANIFEST_NAME, *named, *UPDATER_FILES})
     if others:
         logger.info("package also contains %d unlisted entries: %s%s", len(others),
                     ", ".join(others[:10]), " ..." if len(others) > 10 else "")

@@ -378,7 +378,12 @@ def test_load_manifest(tmp_path: Path) -> None:
     {"run": None, "healthcheck": None, "debs": ["a_1.0_all.deb"]},
 ])
 def test_load_manifest_optional_parts(tmp_path: Path, changes: dict[str, object]) -> None:
-    manifest = load_manifest(write_package(tmp_path / "x", {**GOOD, **changes}), 3)
+    doc: dict[str, object] = {**GOOD, **changes}
+    debs = doc["debs"]
+    assert isinstance(debs, list)
+    # only the files it names: an unlisted deb is refused (test_unlisted.py)
+    files = [*debs, *(n for n in (doc["run"], doc["healthcheck"]) if isinstance(n, str))]
+    manifest = load_manifest(write_package(tmp_path / "x", doc, files), 3)
     assert (manifest.debs, manifest.run) != ((), None)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import FormatError, UnsafePackageError
 from ..fsutil import atomic_file
 from ..metadata import parse_json
-from ..package import MANIFEST_FORMAT, MANIFEST_NAME, MAX_MEMBERS, Manifest
+from ..package import MANIFEST_FORMAT, MANIFEST_NAME, MAX_MEMBERS, UPDATER_FILES, Manifest
 from .common import CHUNK, PublishError
 
 #: A member name boxes accept: a plain file name (Debian file names use ``+ ~ . _ %``).
@@ -166,7 +166,8 @@ def inspect_package(path: Path) -> Manifest:
 
     Refuses (:class:`UnsafePackageError`) a file that is not a zip, more than
     ``MAX_MEMBERS`` members, unsafe or repeated names, links and devices, a missing or
-    invalid manifest, and files the manifest names but the zip lacks. Only the central
+    invalid manifest, files the manifest names but the zip lacks, a ``.deb`` it does not
+    list, and the names of the updater's own files. Only the central
     directory and the manifest are read, so this is cheap for large packages.
     """
     try:
@@ -189,4 +190,10 @@ def inspect_package(path: Path) -> Manifest:
     for name in wanted:
         if name not in names:
             raise UnsafePackageError(f"{MANIFEST_NAME} names {name!r}, which is not in the zip")
+    for name in sorted(names):
+        if name.lower().endswith(".deb") and name not in manifest.debs:
+            raise UnsafePackageError(f"{name!r} is a .deb that {MANIFEST_NAME} does not list "
+                                     "(boxes refuse such a package)")
+        if name.removeprefix("./") in UPDATER_FILES:
+            raise UnsafePackageError(f"member {name!r} is a name reserved for the updater")
     return manifest
