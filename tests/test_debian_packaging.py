@@ -273,3 +273,155 @@ def test_nginx_site_serves_a_repository(nginx_repo: tuple[str, Path]) -> None:
     for path in (".version.json.tmp", "", "root/", "packages/", "packages/x.zip",
                  "version-beta.json"):
         assert _get(base + path)[0] == 404, path
+
+
+# --- the maintainer scripts with a stand-in for debconf (issue 13, 2 and 3) -----------------
+
+#: A stand-in for /usr/share/debconf/confmodule: values in files, every call logged, and
+#: the answers a person types taken in order from ``answers`` (none left: "not shown", 30).
+STUB_CONFMODULE = r"""
+_f() { printf '%s/%s' "$STUB" "$(echo "$1" | tr / _)"; }
+db_get() { RET="$(cat "$(_f "$1")" 2>/dev/null || true)"; }
+db_set() { printf '%s' "$2" > "$(_f "$1")"; }
+db_fset() { echo "fset $*" >> "$STUB/log"; }
+db_subst() { q="$1"; k="$2"; shift 2; echo "subst $q $k=$*" >> "$STUB/log"; }
+db_go() { :; }
+db_stop() { :; }
+db_input() {
+    echo "input $2" >> "$STUB/log"
+    case "$2" in *invalid_server_url) return 0 ;; esac
+    [ -s "$STUB/answers" ] || return 30
+    head -n 1 "$STUB/answers" | tr -d '\n' > "$(_f "$2")"
+    sed -i 1d "$STUB/answers"
+}
+"""
+
+
+class Debconf:
+    """The config script and the postinst run against a directory instead of /etc, /var
+    and debconf's database; ``python3`` is this project's."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.stub = base / "debconf"
+        self.stub.mkdir()
+        (self.stub / "confmodule").write_text(STUB_CONFMODULE)
+        self.config = base / "etc/opq/updater_config.json"
+        self.logdir = base / "var/log/opq"
+
+    def script(self, path: Path) -> Path:
+        text = path.read_text().replace(". /usr/share/debconf/confmodule",
+                                        f'STUB={self.stub}; . "$STUB/confmodule"')
+        for old in ("/etc/opq", "/var/log/opq", "/var/lib/opq-box-updater",
+                    "/var/cache/opq-box-updater"):
+            text = text.replace(old, f"{self.base}{old}")
+        out = self.stub / path.name
+        out.write_text(text)
+        return out
+
+    def run(self, path: Path, *answers: str) -> subprocess.CompletedProcess[str]:
+        (self.stub / "answers").write_text("".join(a + "\n" for a in answers))
+        (self.stub / "log").write_text("")
+        env = {"PATH": f"{Path(sys.executable).parent}:{SYSTEM_PATH}", "LC_ALL": "C.UTF-8"}
+        return subprocess.run(["sh", str(self.script(path)), "configure"], capture_output=True,
+                              text=True, timeout=120, env=env, cwd=self.base, check=False)
+
+    def get(self, question: str) -> str:
+        path = self.stub / f"opq-box-updater_{question}"
+        return path.read_text() if path.exists() else ""
+
+    def set(self, question: str, value: str) -> None:
+        (self.stub / f"opq-box-updater_{question}").write_text(value)
+
+    def log(self) -> list[str]:
+        return (self.stub / "log").read_text().splitlines()
+
+
+GOOD_URL = "https://emilia.example.org/opq-updates/"
+BAD_URLS = {"http://?x": "names no host", "http:///path": "names no host",
+            "http://#frag": "names no host",
+            "https://emilia.example.org/opq-updates/repo?token=a": "must not have a query",
+            "http://127.0.0.1:99999/": "invalid port", "http://[::1": "cannot be parsed"}
+
+
+@pytest.mark.parametrize("bad", BAD_URLS)
+def test_config_script_asks_again_saying_what_is_wrong(tmp_path: Path, bad: str) -> None:
+    debconf = Debconf(tmp_path)
+    proc = debconf.run(CONFIG_SCRIPT, bad, GOOD_URL)
+    assert proc.returncode == 0, proc.stderr
+    assert debconf.get("server_url") == GOOD_URL
+    log = debconf.log()
+    assert log.count("input opq-box-updater/server_url") == 2, log
+    assert "input opq-box-updater/invalid_server_url" in log
+    assert f"subst opq-box-updater/invalid_server_url url={bad}" in log
+    reason = next(line for line in log if "invalid_server_url reason=" in line)
+    assert BAD_URLS[bad] in reason and "the URL" not in reason, reason
+
+
+def test_reconfigure_shows_the_current_url_and_an_empty_answer_keeps_it(tmp_path: Path) -> None:
+    debconf = Debconf(tmp_path)
+    debconf.config.parent.mkdir(parents=True)
+    debconf.config.write_text(json.dumps({"server_url": GOOD_URL, "version_file": "version.json"}))
+    debconf.set("applied_server_url", GOOD_URL)
+    proc = debconf.run(CONFIG_SCRIPT, "")
+    assert proc.returncode == 0, proc.stderr
+    assert f"subst opq-box-updater/server_url current={GOOD_URL}" in debconf.log()
+    assert debconf.get("server_url") == GOOD_URL
+    assert "input opq-box-updater/invalid_server_url" not in debconf.log()
+
+
+def test_a_preseeded_bad_url_is_asked_again_and_never_written(tmp_path: Path) -> None:
+    debconf = Debconf(tmp_path)
+    debconf.set("server_url", "https://emilia.example.org/opq-updates/?token=a")
+    proc = debconf.run(CONFIG_SCRIPT, GOOD_URL)
+    assert proc.returncode == 0, proc.stderr
+    assert "fset opq-box-updater/server_url seen false" in debconf.log()
+    assert debconf.get("server_url") == GOOD_URL
+    # Noninteractive (nothing shown): the postinst refuses it and says why.
+    debconf.set("server_url", "http://127.0.0.1:99999/")
+    assert debconf.run(CONFIG_SCRIPT).returncode == 0
+    proc = debconf.run(POSTINST)
+    assert proc.returncode == 0, proc.stderr
+    assert "not changed: the URL has an invalid port" in proc.stderr
+    assert not debconf.config.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_postinst_takes_the_log_directory_back_and_sets_the_log_mode(tmp_path: Path) -> None:
+    debconf = Debconf(tmp_path)
+    debconf.logdir.mkdir(parents=True)
+    os.chown(debconf.logdir, 65534, 65534)
+    debconf.logdir.chmod(0o777)
+    debconf.set("server_url", GOOD_URL)
+    proc = debconf.run(POSTINST)
+    assert proc.returncode == 0, proc.stderr
+    st = debconf.logdir.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o755)
+    log = debconf.logdir / "box_updater.log"
+    st = log.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, ADM_GID, 0o640)
+    assert json.loads(debconf.config.read_text()) == {"server_url": GOOD_URL}
+    # A log left 0644 root:root (by cron's redirection, or an older version) is brought back.
+    os.chown(log, 0, 0)
+    log.chmod(0o644)
+    assert debconf.run(POSTINST).returncode == 0
+    st = log.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, ADM_GID, 0o640)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_postinst_never_changes_a_file_the_log_links_to(tmp_path: Path) -> None:
+    debconf = Debconf(tmp_path)
+    debconf.logdir.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.write_text("secret\n")
+    victim.chmod(0o600)
+    (debconf.logdir / "box_updater.log").symlink_to(victim)
+    proc = debconf.run(POSTINST)
+    assert proc.returncode == 0, proc.stderr
+    assert "not a regular file" in proc.stderr
+    st = victim.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o600)
+
+
+ADM_GID = 4
