@@ -52,6 +52,10 @@ class RollbackError(RepositoryError):
     """A release is older than one already seen (rollback attack)."""
 
 
+class WrongChannelError(RepositoryError):
+    """A validly signed release of another channel than the box's ``version_file``."""
+
+
 class ExpiredMetadataError(RepositoryError):
     """A root or release has expired (freeze attack, or the operators forgot to refresh)."""
 

@@ -26,7 +26,9 @@ from .errors import (
 SPEC_VERSION = 1
 MAX_ROOT_STEPS = 32
 METADATA_MAX_BYTES = 64 * 1024
-TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+#: Times before this year are refused: no box or repository ever made one (a year like 0999
+#: is a forgery or a bug, and would not survive a round trip through strftime).
+MIN_YEAR = 1970
 ROLES = ("root", "release")
 
 #: A channel is the file name a release is published as (DESIGN 2.3): ``version.json`` or
@@ -60,10 +62,27 @@ def parse_json(data: bytes) -> Any:
     Used for every signed document and for a package's manifest."""
     try:
         text = data.decode("utf-8")
-        return json.loads(text, parse_float=_no_floats, parse_constant=_no_floats,
-                          object_pairs_hook=_no_duplicates)
+        doc = json.loads(text, parse_float=_no_floats, parse_constant=_no_floats,
+                         object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError) as exc:  # also int() past Python's digit limit
         raise FormatError(f"not valid JSON: {exc}") from None
+    if _LONE_SURROGATE.search(text) and _has_surrogate(doc):
+        # "\ud800" parses, but no UTF-8 encodes it: the canonical bytes could not be made.
+        raise FormatError("not valid JSON: a string has a lone surrogate (\\ud800-\\udfff)")
+    return doc
+
+
+_LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _has_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    return False
 
 
 def canonical_bytes(signed: Any) -> bytes:
@@ -112,17 +131,22 @@ def parse_time(value: str, where: str = "time") -> datetime:
     match = _TIME.fullmatch(value)
     if not match:
         raise FormatError(f"{where}: {value!r} is not a UTC time like 2026-01-31T12:00:00Z")
+    year, month, day, hour, minute, second = map(int, match.groups())
+    if year < MIN_YEAR:
+        raise FormatError(f"{where}: {value!r} is before {MIN_YEAR} (implausible)")
     try:
         # Not strptime: it costs milliseconds of imports on the no-op path (DESIGN 7).
-        year, month, day, hour, minute, second = map(int, match.groups())
         return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
     except ValueError:
         raise FormatError(f"{where}: {value!r} is not a valid time") from None
 
 
 def format_time(moment: datetime) -> str:
-    """Format an aware datetime as the repository's UTC time string."""
-    return moment.astimezone(UTC).strftime(TIME_FORMAT)
+    """Format an aware datetime as the repository's UTC time string (always four year
+    digits: strftime's %Y writes year 999 as ``999``, which no parser reads back)."""
+    t = moment.astimezone(UTC)
+    return (f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:"
+            f"{t.second:02d}Z")
 
 
 # --- envelopes and signatures --------------------------------------------------------------
@@ -334,6 +358,7 @@ class PackageRef(NamedTuple):
 class Release(NamedTuple):
     version: int
     root_version: int
+    channel: str
     issued: datetime
     expires: datetime
     package: PackageRef
@@ -345,8 +370,8 @@ class Release(NamedTuple):
         return format_time(self.issued)
 
 
-_RELEASE_FIELDS = ("type", "spec_version", "version", "root_version", "issued", "expires",
-                   "package", "rollout_percent", "notes")
+_RELEASE_FIELDS = ("type", "spec_version", "version", "root_version", "channel", "issued",
+                   "expires", "package", "rollout_percent", "notes")
 
 
 def parse_release(env: Envelope) -> Release:
@@ -369,12 +394,17 @@ def parse_release(env: Envelope) -> Release:
         raise FormatError(f"release: package path {path!r} is not packages/<sha256>.zip")
     if length < 1:
         raise FormatError("release: package length must be positive")
+    channel = _get(s, "channel", str, "release")
+    if not CHANNEL_PATTERN.fullmatch(channel):
+        raise FormatError(f"release: channel {channel[:80]!r} is not a version file name like "
+                          "version.json or version-beta.json")
     rollout = _get(s, "rollout_percent", int, "release")
     if not 0 <= rollout <= 100:
         raise FormatError("release: rollout_percent must be between 0 and 100")
     return Release(
         version=version,
         root_version=root_version,
+        channel=channel,
         issued=parse_time(_get(s, "issued", str, "release"), "release issued"),
         expires=parse_time(_get(s, "expires", str, "release"), "release expires"),
         package=PackageRef(path, sha, length),

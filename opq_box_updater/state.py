@@ -18,14 +18,15 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import FormatError, LockError, StateError
-from .fsutil import atomic_write, utcnow
+from .errors import ConfigError, FormatError, LockError, StateError
+from .fsutil import atomic_write, unsafe_dir_reason, utcnow
 from .metadata import parse_time
 
 logger = logging.getLogger(__name__)
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 PHASES = ("idle", "downloading", "applying", "rolling-back")
+DEFAULT_CHANNEL = "version.json"
 
 
 class Journal(NamedTuple):
@@ -39,28 +40,59 @@ class Journal(NamedTuple):
     targets: dict[str, str] = {}  # pkg -> version the update installs
     workdir: str | None = None  # extraction directory, kept until the run ends
     package_sha256: str | None = None
+    channel: str | None = None  # the channel the target version belongs to
+
+
+class ChannelState(NamedTuple):
+    """What the box knows of one channel (a version file). Kept per channel so that another
+    channel's release can never raise this one's floor, and moving a box between channels
+    never locks it out (DESIGN 2.3)."""
+
+    installed_version: int = 0  # the last release of this channel the box installed
+    floor_version: int = 0  # highest release version accepted
+    floor_issued: str | None = None  # issued of the accepted release at floor_version
+    failed_versions: tuple[int, ...] = ()
+    interrupted_version: int = 0  # a release whose apply a power cut interrupted ...
+    interruptions: int = 0  # ... this many times (it counts as failed at MAX_INTERRUPTIONS)
 
 
 class State(NamedTuple):
     """``state.json``: everything the box's security and recovery depend on."""
 
-    installed_version: int = 0
-    floor_version: int = 0  # highest release version accepted
-    floor_issued: str | None = None  # issued of the accepted release at floor_version
-    time_floor: str | None = None  # newest issued ever accepted (trusted_now)
+    installed_channel: str | None = None  # the channel whose release is on the box
+    channels: dict[str, ChannelState] = {}
+    time_floor: str | None = None  # newest issued ever accepted (trusted_now), any channel
     etag: str | None = None
     last_modified: str | None = None
     metadata_url: str | None = None  # the URL the validators belong to
-    failed_versions: tuple[int, ...] = ()
     applied_packages: dict[str, str] = {}
     unrestored: tuple[str, ...] = ()
     journal: Journal = Journal()
 
+    def channel(self, name: str) -> ChannelState:
+        return self.channels.get(name, ChannelState())
+
+    def with_channel(self, name: str, channel: ChannelState) -> State:
+        return self._replace(channels={**self.channels, name: channel})
+
+    @property
+    def installed_version(self) -> int:
+        """The release on the box (of ``installed_channel``); 0 before the first update."""
+        if self.installed_channel is None:
+            return 0
+        return self.channel(self.installed_channel).installed_version
+
+    def installed_for(self, name: str) -> int:
+        """The installed release as ``name``'s versions count: 0 when the box runs another
+        channel's release, so a box moved to ``name`` takes that channel's release."""
+        return self.installed_version if self.installed_channel == name else 0
+
     def to_json(self) -> bytes:
         doc: dict[str, Any] = {"format": STATE_FORMAT, **self._asdict(),
-                               "journal": self.journal._asdict()}
-        doc["failed_versions"] = list(self.failed_versions)
-        doc["unrestored"] = list(self.unrestored)
+                               "journal": self.journal._asdict(),
+                               "unrestored": list(self.unrestored)}
+        doc["channels"] = {name: {**ch._asdict(), "failed_versions": list(ch.failed_versions)}
+                           for name, ch in self.channels.items()}
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -69,17 +101,42 @@ class State(NamedTuple):
         module wrote: every field is type-checked, so a damaged file is caught here, once,
         instead of failing every later run somewhere else (a crash loop)."""
         doc = json.loads(data)
-        if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        if not isinstance(doc, dict) or doc.get("format") not in (1, STATE_FORMAT):
             raise ValueError("unknown state format")
-        doc.pop("format")
+        if doc.pop("format") == 1:
+            doc = _from_format_1(doc)
         journal_doc = doc.pop("journal", {})
         if not isinstance(journal_doc, dict):
             raise ValueError("'journal' is not an object")
+        channels_doc = doc.pop("channels", {})
+        if not isinstance(channels_doc, dict):
+            raise ValueError("'channels' is not an object")
+        channels: dict[str, ChannelState] = {}
+        for name, channel_doc in channels_doc.items():
+            if not isinstance(channel_doc, dict):
+                raise ValueError(f"channel {name!r:.60} is not an object")
+            _check_fields(channel_doc, _CHANNEL_FIELDS, f"channels.{name}.")
+            channel = ChannelState(**channel_doc)
+            channels[name] = channel._replace(failed_versions=tuple(channel.failed_versions))
         _check_fields(doc, _STATE_FIELDS, "")
         _check_fields(journal_doc, _JOURNAL_FIELDS, "journal.")
-        state = cls(**{**doc, "journal": Journal(**journal_doc)})
-        return state._replace(failed_versions=tuple(state.failed_versions),
-                       unrestored=tuple(state.unrestored))
+        state = cls(**{**doc, "channels": channels, "journal": Journal(**journal_doc)})
+        return state._replace(unrestored=tuple(state.unrestored))
+
+
+def _from_format_1(doc: dict[str, Any]) -> dict[str, Any]:
+    """A state written before channels: its floors and versions belong to the channel its
+    validators were fetched from (``version.json`` when it never fetched one)."""
+    own = {key: doc.pop(key) for key in ("installed_version", "floor_version", "floor_issued",
+                                         "failed_versions") if key in doc}
+    url = doc.get("metadata_url")
+    name = url.rsplit("/", 1)[-1] if isinstance(url, str) and url else DEFAULT_CHANNEL
+    doc["channels"] = {name: own} if own else {}
+    if isinstance(own.get("installed_version"), int) and own["installed_version"] > 0:
+        doc["installed_channel"] = name
+    if isinstance(doc.get("journal"), dict) and doc["journal"].get("phase", "idle") != "idle":
+        doc["journal"]["channel"] = name
+    return doc
 
 
 def _count(value: Any) -> bool:
@@ -117,15 +174,18 @@ def _optional_string_map(value: Any) -> bool:
 
 
 _STATE_FIELDS: dict[str, Any] = {
-    "installed_version": _count, "floor_version": _count, "floor_issued": _optional_time,
-    "time_floor": _optional_time, "etag": _optional_str, "last_modified": _optional_str,
-    "metadata_url": _optional_str, "failed_versions": _counts,
+    "installed_channel": _optional_str, "time_floor": _optional_time, "etag": _optional_str,
+    "last_modified": _optional_str, "metadata_url": _optional_str,
     "applied_packages": _string_map, "unrestored": _strings,
+}
+_CHANNEL_FIELDS: dict[str, Any] = {
+    "installed_version": _count, "floor_version": _count, "floor_issued": _optional_time,
+    "failed_versions": _counts, "interrupted_version": _count, "interruptions": _count,
 }
 _JOURNAL_FIELDS: dict[str, Any] = {
     "phase": lambda v: v in PHASES, "target_version": _count, "previous_version": _count,
     "previous": _optional_string_map, "targets": _string_map, "workdir": _optional_str,
-    "package_sha256": _optional_str,
+    "package_sha256": _optional_str, "channel": _optional_str,
 }
 
 
@@ -151,10 +211,19 @@ class Store:
         self.lock_path = state_dir / "lock"
 
     def ensure_dirs(self) -> None:
+        """Create the state directories 0700, and refuse ones another local user could
+        influence (owned by another account, group/world-writable, a symlink): such a user
+        could hold the lock, or plant files root then trusts (:class:`ConfigError`, exit 2)."""
+        for path in (self.dir, self.roots_dir, self.debs_dir):
+            why = unsafe_dir_reason(path)
+            if why is not None:
+                raise ConfigError(f"state directory {path} {why}; make it root's, mode 0700 "
+                                  "(chown root:root, chmod 0700) or set 'state_dir'")
         try:
-            self.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-            self.roots_dir.mkdir(mode=0o755, exist_ok=True)
-            self.debs_dir.mkdir(mode=0o755, exist_ok=True)
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.roots_dir.mkdir(mode=0o700, exist_ok=True)
+            self.debs_dir.mkdir(mode=0o700, exist_ok=True)
+            self.dir.chmod(0o700)  # tighten one an older version made 0755
         except OSError as exc:
             raise StateError(f"cannot create state directory {self.dir}: {exc.strerror}") from None
 
@@ -258,9 +327,14 @@ class Lock:
 
     def acquire(self) -> None:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
         except OSError as exc:
             raise StateError(f"cannot open lock {self.path}: {exc.strerror}") from None
+        # A lock others can open (0644 from an older version) can be held by any user with a
+        # read-only open, and every run would then exit 6.
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -248,12 +248,12 @@ class RepoSim:
     def release_doc(self, version: int, package: Mapping[str, Any], *,
                     issued: datetime | None = None, expires: datetime | None = None,
                     root_version: int | None = None, rollout: int = 100,
-                    notes: str = "") -> dict[str, Any]:
+                    notes: str = "", channel: str = "version.json") -> dict[str, Any]:
         """The ``signed`` dict of a release (defaults: issued now, expires now + 30 days,
         the newest root)."""
         issued = issued or self.now
         return {"type": "release", "spec_version": SPEC_VERSION, "version": version,
-                "root_version": root_version or self.root_version,
+                "root_version": root_version or self.root_version, "channel": channel,
                 "issued": format_time(issued),
                 "expires": format_time(expires or issued + RELEASE_LIFETIME),
                 "package": dict(package), "rollout_percent": rollout, "notes": notes}
@@ -293,7 +293,8 @@ class RepoSim:
         if path is not None:
             ref["path"] = path
         signed = self.release_doc(version, ref, issued=issued, expires=expires,
-                                  root_version=root_version, rollout=rollout, notes=notes)
+                                  root_version=root_version, rollout=rollout, notes=notes,
+                                  channel=version_file)
         for key, value in (extra or {}).items():
             if value is None:
                 signed.pop(key, None)

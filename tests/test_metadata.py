@@ -62,7 +62,7 @@ def envelope(signed: dict[str, Any], signers: list[Key]) -> bytes:
 def release_signed(version: int = 2, root_version: int = 1, **over: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "type": "release", "spec_version": 1, "version": version, "root_version": root_version,
-        "issued": ts(), "expires": ts(timedelta(days=30)),
+        "channel": "version.json", "issued": ts(), "expires": ts(timedelta(days=30)),
         "package": {"path": f"packages/{SHA}.zip", "sha256": SHA, "length": 10},
         "rollout_percent": 100, "notes": ""}
     doc.update(over)

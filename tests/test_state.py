@@ -11,13 +11,18 @@ import pytest
 
 from opq_box_updater.errors import LockError
 from opq_box_updater.fsutil import atomic_write
-from opq_box_updater.state import Journal, Lock, State, Store
+from opq_box_updater.state import ChannelState, Journal, Lock, State, Store
 
 
 def test_state_round_trip(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.ensure_dirs()
-    state = State(installed_version=3, floor_version=4, failed_versions=(2, 4),
+    state = State(installed_channel="version.json",
+                  channels={"version.json": ChannelState(3, 4, None, (2, 4)),
+                            "version-beta.json": ChannelState(floor_version=9,
+                                                              floor_issued="2026-01-01T00:00:00Z",
+                                                              interrupted_version=9,
+                                                              interruptions=2)},
                   applied_packages={"a": "1.0"},
                   journal=Journal("applying", 4, 3, {"a": "0.9", "b": None}, {"a": "1.0"}))
     store.save(state)

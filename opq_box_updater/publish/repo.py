@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ..errors import FormatError, RepositoryError, UnsafePackageError
 from ..fsutil import atomic_write, fsync_dir
 from ..metadata import (
+    CHANNEL_PATTERN,
     METADATA_MAX_BYTES,
     ROLES,
     SPEC_VERSION,
@@ -66,7 +67,7 @@ logger = logging.getLogger(__name__)
 ROOT_DIR = "root"
 PACKAGES_DIR = "packages"
 DEFAULT_VERSION_FILE = "version.json"
-VERSION_FILE_RE = re.compile(r"version[A-Za-z0-9_-]*\.json")
+VERSION_FILE_RE = CHANNEL_PATTERN
 _ROOT_FILE_RE = re.compile(r"([1-9][0-9]*)\.root\.json")
 _ONE_SECOND = timedelta(seconds=1)
 
@@ -97,7 +98,8 @@ def check_version_file_name(name: str) -> str:
     """``name`` when it is a valid channel file name (``version*.json``, no directories)."""
     if not VERSION_FILE_RE.fullmatch(name):
         raise PublishError(f"version file {name!r} must be named like version.json or "
-                           "version-beta.json (letters, digits, _ and - only)")
+                           "version-beta.json (version-NAME.json, NAME of letters, digits "
+                           "and _)")
     return name
 
 
@@ -170,12 +172,14 @@ def root_signed(version: int, expires: datetime, keys: Mapping[str, str],
     }
 
 
-def release_signed(*, version: int, root_version: int, issued: datetime, expires: datetime,
-                   package: PackageRef, rollout: int, notes: str) -> dict[str, Any]:
-    """The ``signed`` part of a release (DESIGN 2.3)."""
+def release_signed(*, version: int, root_version: int, channel: str, issued: datetime,
+                   expires: datetime, package: PackageRef, rollout: int,
+                   notes: str) -> dict[str, Any]:
+    """The ``signed`` part of a release (DESIGN 2.3); ``channel`` is the version file it is
+    published as."""
     return {
         "type": "release", "spec_version": SPEC_VERSION, "version": version,
-        "root_version": root_version, "issued": format_time(issued),
+        "root_version": root_version, "channel": channel, "issued": format_time(issued),
         "expires": format_time(expires),
         "package": {"path": package.path, "sha256": package.sha256, "length": package.length},
         "rollout_percent": rollout, "notes": notes,
@@ -337,9 +341,9 @@ def publish_release(repo: Path, keydir: Path, package_zip: Path, *,
     package = store_package(repo, package_zip)
     if inspect_package(repo / package.path) != manifest:  # what is signed is what was checked
         raise PublishError(f"{package_zip} changed while it was being published; try again")
-    signed = release_signed(version=manifest.version, root_version=root.version, issued=now,
-                            expires=now + expires, package=package, rollout=rollout,
-                            notes=notes)
+    signed = release_signed(version=manifest.version, root_version=root.version,
+                            channel=version_file, issued=now, expires=now + expires,
+                            package=package, rollout=rollout, notes=notes)
     data = _sign_release(root, store, signed, now)
     atomic_write(repo / version_file, data)
     _warn_expiry(root, now, now + expires)
@@ -367,7 +371,8 @@ def refresh_release(repo: Path, keydir: Path, *, expires: timedelta = DEFAULT_RE
         raise PublishError(f"{repo / version_file} does not exist; publish a release first")
     issued = max(now, current.issued + _ONE_SECOND)
     signed = release_signed(
-        version=current.version, root_version=root.version, issued=issued,
+        version=current.version, root_version=root.version, channel=version_file,
+        issued=issued,
         expires=issued + expires, package=current.package,
         rollout=current.rollout_percent if rollout is None else rollout, notes=current.notes)
     data = _sign_release(root, KeyStore(keydir, passphrase), signed, now)
@@ -507,7 +512,7 @@ def _resign_plan(repo: Path, root: Root, store: KeyStore,
             logger.warning("%s is unreadable (%s); not re-signed", path.name, exc)
             continue
         signed = release_signed(
-            version=old.version, root_version=root.version,
+            version=old.version, root_version=root.version, channel=path.name,
             # Not forced past the old issued: a later issued pushes boxes' trusted time
             # ahead of the clock, and an equal one is accepted (equal version, issued >=).
             issued=max(now, old.issued), expires=old.expires,

@@ -118,6 +118,10 @@ def _verify_release_file(repo: Path, path: Path, root: Root, now: datetime,
     except RepositoryError as exc:
         report.problems.append(f"{path.name}: {exc}")
         return
+    if release.channel != path.name:  # a box following this file would refuse it (exit 3)
+        report.problems.append(f"{path.name}: release v{release.version} names channel "
+                               f"{release.channel!r}; boxes following {path.name} refuse it")
+        return
     if release.expires - now < warn_within:
         report.warnings.append(f"{path.name}: release v{release.version} expires at "
                                f"{format_time(release.expires)}: run opq-box-publish refresh")
