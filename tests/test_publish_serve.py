@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -255,3 +256,40 @@ def test_report_storage_is_bounded(server: Server, repo_dir: Path,
     assert server.request("POST", "/report", b'{"box_id": "a"}')[0] == 204
     assert server.request("POST", "/report", b'{"box_id": "b"}')[0] == 507
     assert server.request("POST", "/report", b'{"box_id": "a", "result": "x"}')[0] == 204
+
+
+# --- nothing a client sends reaches the operator's terminal raw (issue 13, 2) --------------
+
+ESCAPES = "\x1b]0;owned\x07\x1b[2J\x1b[31m\x9b1m\x7f\u202e\x00"
+
+
+def assert_no_terminal_controls(text: str) -> None:
+    bad = [ch for ch in text if ch != "\n" and not ch.isprintable()]
+    assert not bad, [hex(ord(ch)) for ch in bad]
+
+
+def test_fleet_escapes_control_characters_from_reports(
+        server: Server, repo_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = {"box_id": f"box{ESCAPES}", "installed_version": f"7{ESCAPES}",
+              "last_result": f"updated{ESCAPES}", "last_message": f"fine{ESCAPES}"}
+    assert server.request("POST", "/report", json.dumps(report).encode())[0] == 204
+    assert cli.main(["fleet", str(repo_dir)]) == 0
+    out = capsys.readouterr().out
+    assert_no_terminal_controls(out)
+    row = out.splitlines()[1]
+    assert row.startswith("box\\x1b]0;owned\\x07\\x1b[2J") and "\\u202e" in row, row
+    assert "updated\\x1b" in row and "fine\\x1b" in row
+
+
+def test_request_lines_are_logged_with_control_characters_escaped(server: Server) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /\x1b[2J\x1b]0;owned\x07\x9b HTTP/1.1\r\nHost: x\r\n"
+                     b"Connection: close\r\n\r\n")
+        while sock.recv(65536):
+            pass
+    deadline = time.monotonic() + 5
+    while not server.log.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    line = server.log.getvalue()
+    assert_no_terminal_controls(line)
+    assert '"GET /\\x1b[2J\\x1b]0;owned\\x07\\x9b HTTP/1.1" 404' in line, line

@@ -121,8 +121,8 @@ class RepoHandler(BaseHTTPRequestHandler):
         super().handle_one_request()
         if self._status is not None:
             stream = self.repo_server.log or sys.stderr
-            stream.write(f'{self.client_address[0]} "{self.requestline}" {self._status} '
-                         f"{self._sent}\n")
+            stream.write(f'{self.client_address[0]} "{printable(self.requestline)}" '
+                         f"{self._status} {self._sent}\n")
             stream.flush()
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
@@ -376,11 +376,22 @@ def _installed(report: dict[str, Any]) -> str:
     return "-" if versions is None else str(versions)
 
 
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on (C0/C1 controls such as ESC,
+    DEL, bidi overrides and other invisible format characters) shown as a Python escape:
+    reports and request lines come from anyone who can reach the server, and must not
+    drive the operator's terminal."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text)
+
+
 def format_fleet(rows: list[FleetRow]) -> str:
-    """A plain-text table: BOX, INSTALLED, RESULT, LAST SEEN, MESSAGE."""
+    """A plain-text table: BOX, INSTALLED, RESULT, LAST SEEN, MESSAGE, every cell
+    :func:`printable`."""
     header = ("BOX", "INSTALLED", "RESULT", "LAST SEEN", "MESSAGE")
-    table = [header] + [(r.box_id, r.installed, r.result, r.last_seen,
-                         " ".join(r.message.split())[:60]) for r in rows]
+    table = [header] + [tuple(printable(cell) for cell in (
+        r.box_id, r.installed, r.result, r.last_seen, " ".join(r.message.split())[:60]))
+        for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
              + "  " + row[-1] for row in table]
