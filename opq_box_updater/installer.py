@@ -124,6 +124,10 @@ def dpkg_locks(root: Path, timeout: float, poll: float = 0.5,
             os.close(fd)  # closing drops the lock
 
 
+#: Verdicts of :meth:`Installer.recover`.
+HEALTHY, INTERRUPTED, FAILED = "healthy", "interrupted", "failed"
+
+
 class Installer:
     """Applies, rolls back and recovers updates on the box described by ``config``."""
 
@@ -239,12 +243,17 @@ class Installer:
         except SubprocessError as exc:
             logger.error("a post-update.d hook failed (ignored): %s", _last_line(exc))
 
-    def recover(self, plan: UpdatePlan, previous: Mapping[str, str | None]) -> bool:
+    def recover(self, plan: UpdatePlan, previous: Mapping[str, str | None]) -> str:
         """Finish an apply a dead run left behind (DESIGN 3.4): ``dpkg --configure -a``, then
-        True only when every package of the update is installed and configured at its new
-        version, ``dpkg --audit`` is silent, the run script has completed with status 0 (it is
-        run now if it never started; one cut off midway counts as failed) and the health check
-        passes. False means the caller must roll back."""
+        :data:`HEALTHY` only when every package of the update is installed and configured at
+        its new version, ``dpkg --audit`` is silent, the run script has completed with status
+        0 (it is run now if it never started) and the health check passes.
+
+        Otherwise the caller rolls back, and the verdict says why: :data:`FAILED` when the
+        release failed by itself (the run script finished non-zero, or the health check of a
+        fully installed update failed), :data:`INTERRUPTED` when the cut left the update
+        unfinished (packages not configured, a run script cut off midway): that says nothing
+        about the release, which is retried."""
         del previous  # what to roll back to is the caller's business
         try:
             if plan.debs:
@@ -257,11 +266,11 @@ class Installer:
                 problems = not_installed(plan.targets, query_packages(self.root, plan.targets))
                 if problems:
                     logger.warning("recovery: %s", "; ".join(problems))
-                    return False
+                    return INTERRUPTED
                 audit = run([*self.commands.dpkg(), "--audit"], env=env, check=False)
                 if audit.output.strip():
                     logger.warning("recovery: dpkg --audit reports:\n%s", tail(audit.output))
-                    return False
+                    return INTERRUPTED
             if plan.run_script:
                 status = read_status(plan.status_file)
                 if status is None or status.state == "skipped":
@@ -269,14 +278,18 @@ class Installer:
                     status = self._run_script(plan)
                 if not status.succeeded:
                     logger.warning("recovery: %s", script_failure(plan, status))
-                    return False
-            self._health(plan)
+                    return FAILED if status.state == "finished" else INTERRUPTED
         except DpkgBusyError:
             raise  # neither committed nor rolled back: the next run recovers
         except UpdaterError as exc:
             logger.warning("recovery of release %d failed: %s", plan.version, exc)
-            return False
-        return True
+            return INTERRUPTED
+        try:
+            self._health(plan)
+        except UpdaterError as exc:
+            logger.warning("recovery of release %d: %s", plan.version, exc)
+            return FAILED
+        return HEALTHY
 
     def _write_apt_sandbox(self, plan: UpdatePlan) -> None:
         """Create apt's directories inside the dpkg root and its ``APT_CONFIG`` file."""

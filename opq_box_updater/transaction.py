@@ -155,7 +155,7 @@ class Transaction:
     def recover(self, state: State) -> State:
         """Finish or undo the apply of a run that died (DESIGN 3.4), without the network:
         commit only an update that is fully installed and healthy, else roll back."""
-        from .installer import Installer
+        from .installer import FAILED, HEALTHY, Installer
 
         journal = state.journal
         logger.warning("a previous run died while %s release %d; recovering",
@@ -163,13 +163,18 @@ class Transaction:
         installer = Installer(self.config)
         plan, readable = self._recovery_plan(journal)
         try:
-            if journal.phase == "applying" and readable and \
-                    installer.recover(plan, journal.previous):
+            verdict = installer.recover(plan, journal.previous) \
+                if journal.phase == "applying" and readable else None
+            if verdict == HEALTHY:
                 state = self.commit(state, journal, plan, installer)
                 logger.info("recovered: release %d is installed and healthy",
                             journal.target_version)
                 installer.post_update(plan)
                 return state
+            if verdict == FAILED:
+                self.roll_back(state, journal, plan, installer,
+                               "its run script or health check failed after an interruption",
+                               interrupted=False)
             self.roll_back(state, journal, plan, installer,
                            f"interrupted while {journal.phase}", interrupted=True)
         finally:

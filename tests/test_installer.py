@@ -25,7 +25,14 @@ from opq_box_updater.config import Config
 from opq_box_updater.errors import ApplyError, DpkgBusyError, PostponedError
 from opq_box_updater.faults import FAULT_ENV
 from opq_box_updater.guard import RunStatus, read_status
-from opq_box_updater.installer import Installer, UpdatePlan, cache_name
+from opq_box_updater.installer import (
+    FAILED,
+    HEALTHY,
+    INTERRUPTED,
+    Installer,
+    UpdatePlan,
+    cache_name,
+)
 from opq_box_updater.package import DebInfo, Manifest
 
 HOOK_DIRS = ("pre-update.d", "pre-invoke.d", "post-invoke.d", "health.d", "post-update.d")
@@ -367,7 +374,7 @@ def test_recover_configures_unpacked_packages_and_runs_the_script(sandbox: Sandb
                                                           for d in plan.debs)),
                    check=True, capture_output=True)
     assert sandbox.installed() == {"a": "2.0 iU", "b": "1.0 iU"}
-    assert sandbox.installer().recover(plan, previous) is True
+    assert sandbox.installer().recover(plan, previous) == HEALTHY
     assert sandbox.installed() == {"a": "2.0", "b": "1.0"}
     assert f"run 2 {plan.workdir}" in sandbox.lines()
 
@@ -386,7 +393,7 @@ def test_dpkg_killed_in_a_preinst_is_rolled_back_from_the_cache(sandbox: Sandbox
         installer.apply(plan)
     assert "iHR" in sandbox.installed()[killed]  # half-installed, reinstall required
 
-    assert installer.recover(plan, previous) is False  # --configure -a cannot fix that
+    assert installer.recover(plan, previous) == INTERRUPTED  # --configure -a cannot fix it
     assert installer.rollback(plan, previous) == ()
     assert sandbox.installed() == {"a": "1.0"}
     assert "run" not in sandbox.lines()
@@ -416,9 +423,9 @@ def _crash(sandbox: Sandbox, plan: UpdatePlan, previous: Mapping[str, str | None
 
 
 @pytest.mark.parametrize(("fault", "committed"), [
-    ("before-dpkg", False), ("after-dpkg", True), ("before-health", True)])
+    ("before-dpkg", INTERRUPTED), ("after-dpkg", HEALTHY), ("before-health", HEALTHY)])
 def test_killed_at_a_fault_point_then_recover_converges(sandbox: Sandbox, fault: str,
-                                                        committed: bool) -> None:
+                                                        committed: str) -> None:
     sandbox.install_v1()
     plan = _v2(sandbox)
     installer = sandbox.installer()
@@ -426,8 +433,8 @@ def test_killed_at_a_fault_point_then_recover_converges(sandbox: Sandbox, fault:
     proc = _crash(sandbox, plan, previous, fault)
     assert proc.returncode == -9, proc.stderr
 
-    assert installer.recover(plan, previous) is committed
-    if committed:
+    assert installer.recover(plan, previous) == committed
+    if committed == HEALTHY:
         assert sandbox.installed() == {"a": "2.0", "b": "1.0"}
         assert sum(line.startswith("run") for line in sandbox.lines()) == 1  # not run twice
     else:
@@ -458,7 +465,7 @@ def test_updater_killed_by_a_postinst_then_recover_converges(sandbox: Sandbox) -
     installer = sandbox.installer(lock_timeout=30, lock_poll=0.1)
     previous = installer.snapshot(plan)
     assert _crash(sandbox, plan, previous, None).returncode == -9
-    if installer.recover(plan, previous):  # waits for an orphaned dpkg's lock first
+    if installer.recover(plan, previous) == HEALTHY:  # waits for an orphaned dpkg's lock
         assert sandbox.installed() == {"a": "2.0", "b": "1.0"}
     else:
         assert installer.rollback(plan, previous) == ()
@@ -472,7 +479,21 @@ def test_recover_refuses_a_run_script_cut_off_midway(sandbox: Sandbox) -> None:
     previous = installer.snapshot(plan)
     installer.apply(plan)
     plan.status_file.write_text('{"state": "started", "returncode": null, "detail": ""}')
-    assert installer.recover(plan, previous) is False
+    assert installer.recover(plan, previous) == INTERRUPTED
+
+
+def test_recover_says_failed_when_the_release_failed_by_itself(sandbox: Sandbox) -> None:
+    """A fully installed update whose run script finished non-zero, or whose health check
+    fails, failed by itself: the power cut is not to blame and the release is not retried."""
+    sandbox.install_v1()
+    plan = _v2(sandbox)
+    installer = sandbox.installer()
+    previous = installer.snapshot(plan)
+    installer.apply(plan)
+    plan.status_file.write_text('{"state": "finished", "returncode": 1, "detail": ""}')
+    assert installer.recover(plan, previous) == FAILED
+    unhealthy = _v2(sandbox, healthcheck="exit 1")  # the same debs, now installed
+    assert installer.recover(unhealthy, previous) == FAILED
 
 
 # --- the dpkg frontend lock ---------------------------------------------------------------
