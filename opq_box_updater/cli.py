@@ -112,6 +112,20 @@ class _StderrFormatter(logging.Formatter):
         return str(getattr(record, "stderr_prefix", "")) + super().format(record)
 
 
+class _LogFileFormatter(logging.Formatter):
+    """Every line of a record gets the time and level, multi-line messages (the dry-run plan)
+    included: a log line without a timestamp then always means a crash or an error before
+    the log was opened (cron appends stderr to the same file)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if "\n" not in text:
+            return text
+        first, *rest = text.split("\n")
+        prefix = first[: len(first) - len(record.getMessage().split("\n")[0])]
+        return "\n".join([first, *(prefix + "  " + line for line in rest)])
+
+
 def setup_logging(verbose: bool, quiet: bool) -> None:
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
@@ -203,7 +217,7 @@ def add_log_file(path: Path) -> None:
                        exc.strerror or exc)
         return
     handler.setLevel(logging.INFO)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(_LogFileFormatter(LOG_FORMAT))
     logger.addHandler(handler)
     if _same_file(sys.stderr, path):
         # cron appends stderr to this very file (for errors before it is opened, such as

@@ -269,3 +269,26 @@ def test_a_box_without_an_id_reports_one_generated_id(
         for handler in logger.handlers[len(handlers):]:
             logger.removeHandler(handler)
             handler.close()
+
+
+def test_every_log_line_has_a_timestamp_multi_line_messages_included(tmp_path: Path) -> None:
+    """docs/operations.md: a line without a timestamp means a crash; the dry-run plan is
+    several lines and must not look like one."""
+    import re
+
+    from opq_box_updater.cli import add_log_file, logger
+
+    log = tmp_path / "log/box_updater.log"
+    before = list(logger.handlers)
+    try:
+        add_log_file(log)
+        logger.info("dry run: would install release 3\n  debs: a_1_all.deb\n  run script: u.sh")
+    finally:
+        for handler in logger.handlers[len(before):]:
+            logger.removeHandler(handler)
+            handler.close()
+    lines = log.read_text().splitlines()
+    assert len(lines) == 3
+    stamp = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ")
+    assert all(stamp.match(line) for line in lines), lines
+    assert lines[1].endswith("INFO     debs: a_1_all.deb"), lines
