@@ -425,3 +425,18 @@ def test_postinst_never_changes_a_file_the_log_links_to(tmp_path: Path) -> None:
 
 
 ADM_GID = 4
+
+
+def test_nginx_serves_exactly_the_channel_names_the_box_accepts(
+        nginx_repo: tuple[str, Path]) -> None:
+    """docs/nginx and metadata.CHANNEL_PATTERN agree (issue 13, 6)."""
+    from opq_box_updater.metadata import CHANNEL_PATTERN
+
+    base, repo = nginx_repo
+    names = ["version.json", "version-beta.json", "version-arm_64.json", "versionX.json",
+             "version-a-b.json", "version-.json", "version_beta.json"]
+    for name in names:
+        (repo / name).write_text("{}")
+    for name in names:
+        expected = 200 if CHANNEL_PATTERN.fullmatch(name) else 404
+        assert _get(base + name)[0] == expected, name
