@@ -7,7 +7,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 BASE_DEBS := python3 python3-venv python3-requests python3-cryptography python3-debian \
 	python3-setuptools python3-wheel dpkg-dev
-TEST_DEBS := $(BASE_DEBS) nginx-light curl fakeroot logrotate util-linux faketime
+TEST_DEBS := $(BASE_DEBS) nginx-light curl fakeroot logrotate util-linux mount faketime
 DEB_BUILD_DEBS := debhelper dh-python python3-all po-debconf lintian
 INSTALL_TEST_DEBS := mmdebstrap
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
