@@ -177,8 +177,9 @@ class Updater:
             # server cannot be reached.
             logger.info("a previous run died while downloading release %d; nothing was "
                         "applied", state.journal.target_version)
-            if self.config.download_dir_path.is_dir():
-                self._clean_downloads(keep=state.journal.package_sha256 or "")
+            download_dir = self.config.download_dir_path
+            if download_dir.is_dir():
+                clean_downloads(download_dir, keep=state.journal.package_sha256 or "")
             state = self.tx.journal(state, Journal())
         self.anchor, self.anchor_bytes = load_anchor(self.config)
         # 1. Spread the fleet's requests.
@@ -386,21 +387,22 @@ class Updater:
             applied = self.tx.apply(state, self.channel, plan, installer, ref.sha256)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-            self._clean_downloads(keep=ref.sha256)
+            clean_downloads(self.config.download_dir_path, keep=ref.sha256)
         return Outcome(applied.result, applied.message, release.version)
 
-    def _clean_downloads(self, keep: str) -> None:
-        """Remove packages and partial downloads other than the current release's, and the
-        extraction directories of runs that died (under the lock none is in use)."""
-        for path in self.config.download_dir_path.iterdir():
-            if path.is_dir() and not path.is_symlink() and \
-                    path.name.startswith(("extract-", "dry-run-")):
-                shutil.rmtree(path, ignore_errors=True)
-                continue
-            if path.name.startswith(keep) or not path.is_file():
-                continue
-            if path.suffix in (".zip", ".part"):
-                path.unlink(missing_ok=True)
+
+def clean_downloads(download_dir: Path, keep: str) -> None:
+    """Remove packages and partial downloads other than the current release's, and the
+    extraction directories of runs that died (under the lock none is in use)."""
+    for path in download_dir.iterdir():
+        if path.is_dir() and not path.is_symlink() and \
+                path.name.startswith(("extract-", "dry-run-")):
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        if path.name.startswith(keep) or not path.is_file():
+            continue
+        if path.suffix in (".zip", ".part"):
+            path.unlink(missing_ok=True)
 
 
 def _read(path: Path | None) -> bytes | None:
