@@ -59,15 +59,16 @@ clean:
 
 # --- Debian packages (debian/, docs/operations.md) -------------------------------------------
 # make deb [TRUST_ROOT=repo/root/1.root.json] [DIST=dist] [DEB_VERSION=1.0.0+site1]
-# builds opq-box-updater and opq-box-publisher from a copy of the tree (so a build never
-# touches the work tree) with Debian's python3 and a clean PATH, and moves the .debs,
+# builds opq-box-updater and opq-box-publisher from a copy of the tree in DEB_WORK, a
+# temporary directory outside the work tree, removed afterwards, failed builds included
+# (so a build never writes into the work tree except DIST) with Debian's python3 and a clean PATH, and moves the .debs,
 # .changes and .buildinfo into DIST. TRUST_ROOT is the operators' root, pinned in the box
 # package; DEB_VERSION adds a changelog entry with that version to the copy (tests, site
 # rebuilds).
 DIST ?= dist
 TRUST_ROOT ?=
 DEB_VERSION ?=
-DEB_WORK ?= build/debian
+DEB_WORK ?= $(or $(TMPDIR),/tmp)/opq-box-updater-deb.$(shell id -u).$(shell echo $$PPID)
 DEB_BUILD_ENV := env -u PYTHONPATH -u PYTHONHOME -u VIRTUAL_ENV PATH=/usr/sbin:/usr/bin:/sbin:/bin
 DEB_TRUST_ROOT = $(if $(strip $(TRUST_ROOT)),$(abspath $(TRUST_ROOT)))
 
@@ -78,7 +79,7 @@ deb:
 	@if [ -n "$(DEB_TRUST_ROOT)" ] && [ ! -f "$(DEB_TRUST_ROOT)" ]; then \
 		echo "TRUST_ROOT=$(TRUST_ROOT): no such file" >&2; exit 2; fi
 	@set -e; work="$(abspath $(DEB_WORK))"; dist="$(abspath $(DIST))"; \
-	rm -rf "$$work"; mkdir -p "$$work/src" "$$dist"; \
+	rm -rf "$$work"; trap 'rm -rf "$$work"' EXIT; mkdir -p "$$work/src" "$$dist"; \
 	tar -c -f - --exclude-vcs --exclude=./.venv --exclude=./build --exclude=./dist \
 		--exclude=./demo --exclude=./.pybuild --exclude='*.egg-info' --exclude=__pycache__ \
 		--exclude=./.mypy_cache --exclude=./.ruff_cache --exclude=./.pytest_cache . \
