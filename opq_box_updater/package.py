@@ -17,7 +17,7 @@ import stat
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NoReturn
@@ -447,6 +447,21 @@ def inspect_debs(extract_dir: Path, manifest: Manifest,
 
 
 def _read_deb(path: Path, filename: str) -> DebInfo:
+    control = deb_control(path, filename)
+    fields = {}
+    for field, pattern in (("Package", _PACKAGE_RE), ("Version", _VERSION_RE),
+                           ("Architecture", _ARCH_RE)):
+        value = control.get(field)
+        if not isinstance(value, str) or not pattern.fullmatch(value):
+            _refuse(f"{filename}: control field {field} is missing or invalid ({value!r})")
+        fields[field] = value
+    return DebInfo(filename=filename, package=fields["Package"], version=fields["Version"],
+                   architecture=fields["Architecture"])
+
+
+def deb_control(path: Path, filename: str) -> Mapping[str, str]:
+    """The control fields of the .deb at ``path``, read with python-debian within bounds;
+    :class:`UnsafePackageError` naming ``filename`` when it is not a valid .deb."""
     # Imported here: python-debian is only needed when there is something to apply.
     from debian.deb822 import Deb822
     from debian.debfile import DebFile
@@ -462,15 +477,7 @@ def _read_deb(path: Path, filename: str) -> DebInfo:
         raise
     except Exception as exc:  # python-debian raises many undocumented types; any is a refusal
         _refuse(f"{filename} is not a valid .deb ({type(exc).__name__}: {exc})")
-    fields = {}
-    for field, pattern in (("Package", _PACKAGE_RE), ("Version", _VERSION_RE),
-                           ("Architecture", _ARCH_RE)):
-        value = control.get(field)
-        if not isinstance(value, str) or not pattern.fullmatch(value):
-            _refuse(f"{filename}: control field {field} is missing or invalid ({value!r})")
-        fields[field] = value
-    return DebInfo(filename=filename, package=fields["Package"], version=fields["Version"],
-                   architecture=fields["Architecture"])
+    return control
 
 
 def _control_bytes(tar: tarfile.TarFile, filename: str) -> bytes:

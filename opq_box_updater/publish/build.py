@@ -13,15 +13,24 @@ import json
 import re
 import shutil
 import stat
+import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError, UnsafePackageError
 from ..fsutil import atomic_file
 from ..metadata import parse_json
-from ..package import MANIFEST_FORMAT, MANIFEST_NAME, MAX_MEMBERS, UPDATER_FILES, Manifest
+from ..package import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MAX_MEMBERS,
+    UPDATER_FILES,
+    Manifest,
+    deb_control,
+)
 from .common import CHUNK, PublishError
 
 #: A member name boxes accept: a plain file name (Debian file names use ``+ ~ . _ %``).
@@ -197,3 +206,149 @@ def inspect_package(path: Path) -> Manifest:
         if name.removeprefix("./") in UPDATER_FILES:
             raise UnsafePackageError(f"member {name!r} is a name reserved for the updater")
     return manifest
+
+
+# --- dependencies ----------------------------------------------------------------------------
+
+#: A package name as ``dpkg-query -W`` prints it, with an optional ``:arch`` qualifier.
+_BASE_NAME = re.compile(r"([a-z0-9][a-z0-9+.-]+)(?::[a-z0-9-]+)?")
+_OPS = {"<<": lambda c: c < 0, "<=": lambda c: c <= 0, "=": lambda c: c == 0,
+        ">=": lambda c: c >= 0, ">>": lambda c: c > 0}
+
+
+@dataclass(frozen=True)
+class DebRelations:
+    """What a deb provides and needs, from its control fields."""
+
+    package: str
+    version: str
+    provides: str = ""  # the raw Provides field
+    depends: str = ""  # Pre-Depends and Depends, joined with ", "
+
+
+def read_relations(path: Path, name: str | None = None) -> DebRelations:
+    """The relations of the .deb at ``path`` (``name``, default its file name, in errors)."""
+    control = deb_control(path, name or path.name)
+    needs = ", ".join(v for v in (control.get("Pre-Depends"), control.get("Depends")) if v)
+    return DebRelations(control.get("Package", ""), control.get("Version", ""),
+                        control.get("Provides", ""), needs)
+
+
+def read_base_packages(path: Path) -> dict[str, str | None]:
+    """A box image's package set: one package per line, optionally followed by its version
+    (what ``dpkg-query -W`` or ``dpkg-query -W -f='${Package}\\n'`` prints on the image);
+    blank lines and ``#`` comments are skipped. Returns name -> version (None: unknown)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PublishError(f"cannot read the base package list {path}: {exc}") from None
+    base: dict[str, str | None] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        match = _BASE_NAME.fullmatch(fields[0])
+        if match is None or len(fields) > 2:
+            raise PublishError(f"{path}:{number}: expected a package name and optionally its "
+                               f"version, not {line.strip()!r}")
+        base[match.group(1)] = fields[1] if len(fields) == 2 else None
+    return base
+
+
+def unmet_dependencies(debs: Sequence[DebRelations],
+                       base: Mapping[str, str | None] | None = None) -> list[str]:
+    """The Pre-Depends/Depends of ``debs`` that neither the debs themselves (their Package
+    and Provides) nor ``base`` satisfy, as ``"app 2.0 needs libfoo (>= 1.2)"``, one per
+    unmet relation (alternatives ``a | b`` are met by either). A base package listed without
+    a version meets any version constraint: it cannot be checked. Pure; no I/O."""
+    from debian.deb822 import PkgRelation
+    from debian.debian_support import version_compare
+
+    versions: dict[str, list[str | None]] = {}  # real packages, and versioned Provides
+    virtual: set[str] = set()  # unversioned Provides: meet only unversioned relations
+    for name, version in (base or {}).items():
+        versions.setdefault(name, []).append(version)
+    for deb in debs:
+        versions.setdefault(deb.package, []).append(deb.version)
+        for group in _relations(deb.provides):
+            for rel in group:
+                provided = rel.get("version")
+                if provided:
+                    versions.setdefault(rel["name"], []).append(provided[1])
+                else:
+                    virtual.add(rel["name"])
+
+    def met(rel: Mapping[str, Any]) -> bool:
+        name, constraint = rel["name"], rel.get("version")
+        if constraint is None and name in virtual:
+            return True
+        for have in versions.get(name, ()):
+            if constraint is None or have is None:
+                return True
+            op, wanted = constraint
+            if _OPS[op](version_compare(have, wanted)):
+                return True
+        return False
+
+    unmet = []
+    for deb in debs:
+        for group in _relations(deb.depends):
+            if not any(met(rel) for rel in group):
+                text = PkgRelation.str([group])
+                unmet.append(f"{deb.package} {deb.version} needs {text}")
+    return unmet
+
+
+def _relations(field: str) -> list[list[Any]]:
+    """python-debian's parse of a relation field (it complains about an empty one)."""
+    from debian.deb822 import PkgRelation
+
+    return list(PkgRelation.parse_relations(field)) if field.strip() else []
+
+
+def dependency_warnings(debs: Sequence[DebRelations], base_file: Path | None) -> list[str]:
+    """What ``build`` and ``release`` tell the operator about dependencies boxes may lack."""
+    base = read_base_packages(base_file) if base_file else None
+    unmet = unmet_dependencies(debs, base)
+    if not unmet:
+        return []
+    if base_file is None:
+        return [f"not satisfied inside the release: {'; '.join(unmet)}. Boxes with "
+                "installer: dpkg must have these installed already or the apply fails and "
+                "is rolled back (check with --base-packages FILE, a list from "
+                "`dpkg-query -W` on the box image); installer: apt resolves them from the "
+                "box's apt sources"]
+    return [f"{item}: neither the release nor {base_file} has it; boxes with installer: "
+            "dpkg will fail to apply this release" for item in unmet]
+
+
+def files_dependency_warnings(debs: Sequence[Path], base_file: Path | None) -> list[str]:
+    """:func:`dependency_warnings` for ``build``'s ``--deb`` files."""
+    try:
+        relations = [read_relations(deb) for deb in debs]
+    except UnsafePackageError as exc:
+        return [f"dependencies not checked: {exc}"]
+    return dependency_warnings(relations, base_file)
+
+
+def package_dependency_warnings(package: Path, base_file: Path | None) -> list[str]:
+    """:func:`dependency_warnings` for the debs inside a package zip (``release``)."""
+    try:
+        relations = package_relations(package)
+    except UnsafePackageError as exc:
+        return [f"dependencies not checked: {exc}"]
+    return dependency_warnings(relations, base_file)
+
+
+def package_relations(package: Path) -> list[DebRelations]:
+    """The relations of every deb listed in the package zip ``package`` (each deb is copied
+    to a temporary file to be read)."""
+    manifest = inspect_package(package)
+    relations = []
+    with zipfile.ZipFile(package) as zf, tempfile.TemporaryDirectory() as tmp:
+        for name in manifest.debs:
+            target = Path(tmp) / "member.deb"
+            with zf.open(name) as src, target.open("wb") as dst:
+                shutil.copyfileobj(src, dst, CHUNK)
+            relations.append(read_relations(target, name))
+    return relations

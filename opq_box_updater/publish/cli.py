@@ -84,6 +84,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     manifest = build.build_package(args.out, version=args.version, debs=args.deb or (),
                                    run=args.run, healthcheck=args.healthcheck)
+    for warning in build.files_dependency_warnings(args.deb or (), args.base_packages):
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     sha, length = sha256_file(args.out)
     _out(f"built {args.out}: version {manifest.version}, debs [{', '.join(manifest.debs)}], "
          f"run {manifest.run}, healthcheck {manifest.healthcheck}; {length} bytes, "
@@ -92,6 +94,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
+    warnings = build.package_dependency_warnings(args.package, args.base_packages)
     release = repo.publish_release(
         args.repo, args.keys, args.package, expires=args.expires or DEFAULT_RELEASE_EXPIRES,
         rollout=args.rollout, version_file=args.version_file, notes=args.notes,
@@ -99,6 +102,8 @@ def cmd_release(args: argparse.Namespace) -> int:
     _out(f"published release v{release.version} in {args.version_file}: "
          f"{release.package.path} ({release.package.length} bytes), rollout "
          f"{release.rollout_percent}%, expires {format_time(release.expires)}")
+    for warning in warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -197,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--healthcheck", type=Path, metavar="SCRIPT")
     p.add_argument("--version", type=_positive, required=True, metavar="V",
                    help="release number (an integer that only grows)")
+    p.add_argument("--base-packages", type=Path, metavar="FILE",
+                   help="packages every box has (`dpkg-query -W` on the box image): warn "
+                        "about dependencies neither the release nor these satisfy")
 
     p = add("release", cmd_release, "sign and publish a package", signs=True)
     p.add_argument("repo", type=Path, metavar="REPO")
@@ -207,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notes", default="", metavar="TEXT")
     p.add_argument("--force", action="store_true",
                    help="publish even when the version is not newer than the current one")
+    p.add_argument("--base-packages", type=Path, metavar="FILE",
+                   help="packages every box has (`dpkg-query -W` on the box image): warn "
+                        "about dependencies neither the release nor these satisfy")
 
     p = add("refresh", cmd_refresh, "re-sign the current release with a later expiry",
             signs=True)
