@@ -112,6 +112,11 @@ class Updater:
         """One whole run (DESIGN 3.1); records ``last_run`` and raises typed errors."""
         started = time.monotonic()
         self.store.ensure_dirs()
+        why = unsafe_dir_reason(self.config.download_dir_path)
+        if why is not None:  # another account could plant <sha>.part -> /etc/shadow there
+            raise ConfigError(f"download directory {self.config.download_dir_path} {why}; make "
+                              "it root's, mode 0700 (chown root:root, chmod 0700) or set "
+                              "'download_dir_path'")
         lock = Lock(self.store.lock_path)
         lock.acquire()
         try:
@@ -317,10 +322,6 @@ class Updater:
                 f"release {release.version}'s package is {ref.length} bytes, over "
                 f"max_package_bytes ({self.config.max_package_bytes})")
         download_dir = self.config.download_dir_path
-        why = unsafe_dir_reason(download_dir)
-        if why is not None:
-            raise ConfigError(f"download directory {download_dir} {why}; make it root's, "
-                              "mode 0700, or set 'download_dir_path'")
         with local_storage(f"cannot use {download_dir} (download_dir_path)",
                            "fix it and run again"):
             download_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ roots, the dpkg root, no script ran, nothing written outside the download direct
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -322,3 +323,100 @@ def test_box_with_an_expired_root_recovers_when_a_new_root_is_published(
         proc = box.run("run")
         assert proc.returncode == 0, proc.stderr
         assert box.status()["root_version"] == 2
+
+
+# --- channels (DESIGN 2.3) ----------------------------------------------------------------------
+
+def test_another_channels_release_at_this_path_is_refused_and_floors_untouched(
+        world: World) -> None:
+    """Cross-channel floor poisoning: arm64's validly signed v4 served as version.json must
+    not raise this channel's floor, or its own v2 would then be refused as a rollback."""
+    w = world
+    genuine = w.sim.read("version.json")
+    w.sim.release(4, version_file="version-arm64.json")
+    w.sim.write("version.json", w.sim.read("version-arm64.json"))
+    assert_refused_untouched(w, REFUSED)
+    assert "channel 'version-arm64.json'" in w.box.run("run").stderr
+    w.sim.write("version.json", genuine)
+    w.sim.release(2)
+    proc = w.box.run("run")
+    assert proc.returncode == 0, proc.stderr
+    assert w.box.status()["installed_version"] == 2
+
+
+def test_moving_a_box_between_channels_never_locks_it_out(world: World) -> None:
+    w = world  # installed: version.json v1
+    w.sim.release(5, version_file="version-beta.json")
+    w.box.write_config(version_file="version-beta.json")
+    proc = w.box.run("run")
+    assert proc.returncode == 0, proc.stderr
+    status = w.box.status()
+    assert (status["installed_version"], status["installed_channel"]) == (5, "version-beta.json")
+
+    w.sim.release(2)  # back to stable, whose v2 is below beta's 5: no rollback, no lock-out
+    w.box.write_config(version_file="version.json")
+    proc = w.box.run("run")
+    assert proc.returncode == 0, proc.stderr
+    status = w.box.status()
+    assert (status["installed_version"], status["installed_channel"]) == (2, "version.json")
+    assert w.box.run("run").returncode == 0 and w.box.status()["last_result"] == "up-to-date"
+
+
+# --- hostile times and text in signed metadata --------------------------------------------------
+
+def test_a_signed_issued_before_1970_is_refused_not_a_corrupt_state(world: World) -> None:
+    """Year 0999 used to be accepted, stored as '999-...' and then read back as a corrupt
+    state.json on every run (re-applying the release every day)."""
+    w = world
+    w.sim.publish(2, extra={"issued": "0999-06-01T00:00:00Z"})
+    for _ in range(2):
+        assert_refused_untouched(w, REFUSED)
+    assert not list(w.box.state_dir.glob("state.json.corrupt-*"))
+
+
+def test_a_lone_surrogate_in_metadata_is_refused_not_a_crash(world: World) -> None:
+    w = world
+    data = w.sim.publish(2, notes="x")
+    assert b'"notes": "x"' in data
+    w.sim.write("version.json", data.replace(b'"notes": "x"', b'"notes": "\\ud800"'))
+    assert_refused_untouched(w, REFUSED)
+    assert "surrogate" in w.box.run("run").stderr
+
+
+# --- a local unprivileged user (DESIGN 6, threat model) -------------------------------------
+
+def test_state_directory_and_lock_are_private(world: World) -> None:
+    w = world
+    lock = w.box.state_dir / "lock"
+    lock.chmod(0o644)  # as an older version made it: anyone could hold the flock
+    w.box.state_dir.chmod(0o755)
+    assert w.box.run("run").returncode == 0
+    assert oct(w.box.state_dir.stat().st_mode & 0o777) == oct(0o700)
+    assert oct(lock.stat().st_mode & 0o777) == oct(0o600)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+@pytest.mark.parametrize("where", ["state", "state/roots", "cache"])
+@pytest.mark.parametrize("how", ["owned by nobody", "world-writable", "symlink"])
+def test_a_directory_another_user_controls_is_refused(world: World, where: str,
+                                                      how: str) -> None:
+    """A state or download directory another account owns or may write lets it plant
+    symlinks root then writes through, or hold the lock: exit 2, nothing changed."""
+    w = world
+    w.sim.release(2)
+    target = w.box.base / where
+    target.mkdir(exist_ok=True)
+    if how == "owned by nobody":
+        os.chown(target, 65534, 65534)
+    elif how == "world-writable":
+        target.chmod(0o777)
+    else:
+        real = w.box.base / f"{target.name}-real"
+        target.rename(real)
+        target.symlink_to(real)
+    before = w.box.digest()
+    proc = w.box.run("run")
+    assert proc.returncode == 2, proc.stderr
+    assert str(target) in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert w.box.digest() == before
