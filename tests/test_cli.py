@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import opq_box_updater
 from opq_box_updater import __version__
 from opq_box_updater.cli import EXIT_CODES, exit_code_for
 from opq_box_updater.errors import (
@@ -156,6 +157,12 @@ def root_box(tmp_path: Path) -> Iterator[Path]:
     (base / "log/box_updater.log").touch(mode=0o640)
     path = config(base, trust_root=str(anchor))
     path.chmod(0o644)
+    # The user must be able to read the code: the work tree may be in root's 0700 home.
+    shutil.copytree(Path(opq_box_updater.__file__).parent, base / "src/opq_box_updater",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for item in (base / "src").rglob("*"):
+        item.chmod(0o755 if item.is_dir() else 0o644)
+    (base / "src").chmod(0o755)
     yield path
     shutil.rmtree(base)
 
@@ -163,16 +170,20 @@ def root_box(tmp_path: Path) -> Iterator[Path]:
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a command as nobody")
 @pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["check"], ["run"]])
 def test_a_user_is_told_that_the_command_needs_root(root_box: Path, command: list[str]) -> None:
-    before = {p: p.read_bytes() for p in root_box.parent.rglob("*") if p.is_file()}
+    before = {p: p.read_bytes() for p in root_box.parent.rglob("*") if p.is_file()
+              and "src" not in p.relative_to(root_box.parent).parts}
     proc = subprocess.run(
         ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-         sys.executable, "-m", "opq_box_updater.cli", "--config", str(root_box), *command],
-        capture_output=True, text=True, timeout=60, cwd="/", env={"PATH": os.defpath})
+         os.path.realpath(sys.executable), "-m", "opq_box_updater.cli", "--config",
+         str(root_box), *command],
+        capture_output=True, text=True, timeout=60, cwd="/",
+        env={"PATH": os.defpath, "PYTHONPATH": str(root_box.parent / "src")})
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "needs root" in lines[0], proc.stderr
     assert "unexpected" not in proc.stderr and "Traceback" not in proc.stderr
-    assert {p: p.read_bytes() for p in root_box.parent.rglob("*") if p.is_file()} == before
+    assert {p: p.read_bytes() for p in root_box.parent.rglob("*") if p.is_file()
+            and "src" not in p.relative_to(root_box.parent).parts} == before
 
 
 def test_an_error_is_logged_once_without_a_doubled_error_word(tmp_path: Path) -> None:
