@@ -37,21 +37,18 @@ import ssl
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple, cast
 from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from . import __version__
 from .config import Timeouts, join_url
+from .deadline import DeadlineAdapter, Watchdog
 from .errors import (
     DownloadError,
     DownloadHTTPError,
@@ -94,109 +91,6 @@ class _StartOver(Exception):
     """The partial file cannot be resumed (416, a wrong range, a bad prefix): delete it, retry."""
 
 
-# --- the deadline watchdog ------------------------------------------------------------------
-
-
-class _Watchdog:
-    """Knows every connection of one fetcher and shuts their sockets down at the deadline.
-
-    ``shutdown(SHUT_RDWR)`` makes a read blocked in another thread return at once (EOF or an
-    error), which is what stops a trickling server mid-header or mid-body. Callers must check
-    :meth:`expired` after every read, because an interrupted read can look like a clean EOF.
-    """
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-        self._fired = False
-        self._lock = threading.Lock()
-        self._conns: weakref.WeakSet[HTTPConnection] = weakref.WeakSet()
-
-    def remaining(self) -> float:
-        return self.deadline - time.monotonic()
-
-    def expired(self) -> bool:
-        return self._fired or self.remaining() <= 0
-
-    def track(self, conn: HTTPConnection) -> None:
-        """Register ``conn``; called before and after it connects (so its TLS handshake is
-        covered too). A connection registered after the deadline is shut down at once."""
-        with self._lock:
-            self._conns.add(conn)
-            fired = self._fired
-        if fired:
-            _shutdown(conn)
-
-    @contextlib.contextmanager
-    def armed(self) -> Iterator[None]:
-        """Run the body with a timer that fires at the deadline (one timer per operation, so
-        no thread outlives a call)."""
-        timer = threading.Timer(min(max(self.remaining(), 0.0), threading.TIMEOUT_MAX),
-                                self._fire)
-        timer.daemon = True
-        timer.start()
-        try:
-            yield
-        finally:
-            timer.cancel()
-
-    def _fire(self) -> None:
-        with self._lock:
-            self._fired = True
-            conns = list(self._conns)
-        for conn in conns:
-            _shutdown(conn)
-
-
-def _shutdown(conn: HTTPConnection) -> None:
-    sock = getattr(conn, "sock", None)
-    if isinstance(sock, socket.socket):
-        # OSError: already closed, nothing left to stop. The base-class method on purpose:
-        # ssl.SSLSocket.shutdown() drops its SSL object under the feet of a reader in another
-        # thread (AttributeError there).
-        with contextlib.suppress(OSError):
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
-
-_C = TypeVar("_C", bound=HTTPConnection)
-
-
-def _tracked(base: type[_C], watchdog: _Watchdog) -> type[_C]:
-    """A subclass of urllib3's connection class ``base`` that registers with ``watchdog``."""
-
-    def connect(self: _C) -> None:
-        watchdog.track(self)
-        base.connect(self)
-        watchdog.track(self)
-
-    return cast("type[_C]", type(f"Deadline{base.__name__}", (base,), {"connect": connect}))
-
-
-class _DeadlineAdapter(HTTPAdapter):
-    """requests' adapter, with connection pools whose connections the watchdog can stop."""
-
-    def __init__(self, watchdog: _Watchdog) -> None:
-        # Set before super().__init__(), which calls init_poolmanager().
-        self._pool_classes = {
-            "http": type("DeadlineHTTPConnectionPool", (HTTPConnectionPool,),
-                         {"ConnectionCls": _tracked(HTTPConnection, watchdog)}),
-            "https": type("DeadlineHTTPSConnectionPool", (HTTPSConnectionPool,),
-                          {"ConnectionCls": _tracked(HTTPSConnection, watchdog)}),
-        }
-        super().__init__(max_retries=0)
-
-    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False,
-                         **pool_kwargs: Any) -> None:
-        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
-        self.poolmanager.pool_classes_by_scheme = self._pool_classes
-
-    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
-        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
-        # SOCKS managers bring their own pools; there only the per-read clock check applies.
-        if not proxy.lower().startswith("socks"):
-            manager.pool_classes_by_scheme = self._pool_classes
-        return manager
-
-
 # --- the fetcher ----------------------------------------------------------------------------
 
 
@@ -221,16 +115,17 @@ class Fetcher:
         if progress is None:
             progress = sys.stderr is not None and sys.stderr.isatty()
         self._progress = progress
-        self._watchdog = _Watchdog(self.deadline)
+        self._watchdog = Watchdog(self.deadline)
         self._session = requests.Session()
         self._session.headers.update({"User-Agent": user_agent, "Accept-Encoding": "identity"})
-        adapter = _DeadlineAdapter(self._watchdog)
+        adapter = DeadlineAdapter(self._watchdog)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
 
     def close(self) -> None:
         """Close all connections; the fetcher must not be used afterwards."""
         self._session.close()
+        self._watchdog.close()
 
     def __enter__(self) -> Fetcher:
         return self

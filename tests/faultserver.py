@@ -17,8 +17,11 @@ path's ``Fault.status``). Pass an ``ssl.SSLContext`` to serve HTTPS.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import email.utils
+import ipaddress
 import socket
 import ssl
 import struct
@@ -50,6 +53,10 @@ class Fault:
     redirect_to: str | None = None  # 302 to this URL or path
     redirect_loop: bool = False  # 302 to the same path, forever
     ignore_range: bool = False  # answer 200 with the whole file to Range requests
+    connection_close: bool = False  # answer with `Connection: close` (the socket goes with
+    #                                 the response in http.client: the deadline's hard case)
+    http10: bool = False  # answer as an HTTP/1.0 server (no keep-alive either)
+    headers: dict[str, str] | None = None  # set or replace these response headers, raw
     times: int | None = None  # misbehave for the first `times` requests only (None: always)
 
 
@@ -77,6 +84,7 @@ class _Handler(BaseHTTPRequestHandler):
     _status = 0  # what the log records for this request
     _sent = 0
     _trickle_headers: float | None = None  # seconds per header byte, or None
+    _fault: Fault | None = None  # the fault of the request being answered
     _headers_buffer: list[bytes]  # http.server's own buffer of the status line and headers
 
     def log_message(self, format: str, *args: object) -> None:
@@ -96,7 +104,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._status, self._sent, self._trickle_headers = 0, 0, None
         owner.begin()
         try:
-            self._answer(path, owner.take_fault(path))
+            self._answer(path, self._take(path))
         except OSError:
             self.close_connection = True  # the client went away (or we reset it)
         finally:
@@ -112,15 +120,25 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             owner.posted.append((path, body))
-            fault = owner.take_fault(path)
+            fault = self._take(path)
             if fault.delay and owner.stopping.wait(fault.delay):
                 return
+            if fault.trickle_headers:
+                self._trickle_headers = fault.trickle
             self._head(fault.status or 204, {"Content-Length": "0"})
         except OSError:
             self.close_connection = True
         finally:
             owner.record(LoggedRequest(self.command, path, dict(self.headers.items()),
                                        self._status, self._sent))
+
+    def _take(self, path: str) -> Fault:
+        """This request's fault; sets up the protocol version it asks for."""
+        self._fault = fault = self.server.owner.take_fault(path)
+        self.protocol_version = "HTTP/1.0" if fault.http10 else "HTTP/1.1"
+        if fault.http10 or fault.connection_close:
+            self.close_connection = True
+        return fault
 
     def _answer(self, path: str, fault: Fault) -> None:
         if fault.delay and self.server.owner.stopping.wait(fault.delay):
@@ -208,6 +226,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _head(self, status: int, headers: dict[str, str]) -> None:
         self._status = status
+        fault = self._fault or Fault()
+        headers = {**headers, **(fault.headers or {})}
+        if fault.connection_close:
+            headers["Connection"] = "close"
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
@@ -381,3 +403,77 @@ class FaultServer:
 
 def _norm(path: str) -> str:
     return "/" + path.lstrip("/")
+
+
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """Write a self-signed certificate for 127.0.0.1 and its key into ``directory``; return
+    their paths (cert, key). cryptography is imported here only: test-only."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+class TrickleProxy:
+    """A TCP proxy on 127.0.0.1 that passes the client's bytes on at once and the server's
+    back one byte every ``delay`` seconds: a slow link under everything, the TLS handshake
+    included. Use as a context manager; ``port`` is where clients connect."""
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        self._target = ("127.0.0.1", target_port)
+        self._delay = delay
+        self._stopping = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.port = int(self._listener.getsockname()[1])
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> TrickleProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=5)
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            upstream = socket.create_connection(self._target)
+            for args in ((client, upstream, 0.0), (upstream, client, self._delay)):
+                threading.Thread(target=self._pipe, args=args, daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, delay: float) -> None:
+        with contextlib.suppress(OSError):
+            while not self._stopping.is_set() and (data := src.recv(CHUNK)):
+                for i in range(0, len(data), 1 if delay else len(data)):
+                    if delay and self._stopping.wait(delay):
+                        return
+                    dst.sendall(data[i:i + 1] if delay else data)
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
