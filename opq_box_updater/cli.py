@@ -237,6 +237,14 @@ def _same_file(stream: object, path: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def _installed(info: dict[str, Any], channel: str) -> str:
+    """The installed release, naming its channel when it is not the configured one."""
+    other = info["installed_channel"]
+    if other and other != channel and info["installed_version"]:
+        return f"{info['installed_version']} (of channel {other})"
+    return str(info["installed_version"])
+
+
 def _status(config: Config, as_json: bool) -> int:
     from .state import Store
 
@@ -269,7 +277,7 @@ def _status(config: Config, as_json: bool) -> int:
         print(json.dumps(info, indent=2, sort_keys=True))
         return EXIT_OK
     rows = [
-        ("installed version", info["installed_version"]),
+        ("installed version", _installed(info, config.version_file)),
         ("root version", info["root_version"] or "none yet"),
         ("last run", info["last_run"] or "never"),
         ("last result", info["last_result"] or "-"),

@@ -76,13 +76,26 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = 
 def unsafe_dir_reason(path: Path) -> str | None:
     """Why a directory that root writes into could be influenced by another local user, or
     ``None`` when it is safe: it must be a real directory (not a symlink), owned by the
-    effective user (root on a box), and not writable by group or others. A directory another
-    account owns or may write to lets that account plant symlinks (``<sha>.part`` pointing
-    at ``/etc/shadow``) or hold the lock."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+    effective user (root on a box), and not writable by group or others; and every directory
+    above it must be owned by root or that user and writable by nobody else unless sticky
+    (like ``/tmp``): whoever may rename an ancestor can swap the whole path for a symlink
+    between the check and the write. A directory another account owns or may write to lets
+    that account plant symlinks (``<sha>.part`` pointing at ``/etc/shadow``) or hold the
+    lock. A path that does not exist yet is judged by its existing ancestors."""
+    path = Path(os.path.abspath(path))
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    for ancestor in reversed(Path(os.path.realpath(existing.parent)).parents):
+        why = _ancestor_reason(ancestor)
+        if why is not None:
+            return why
+    why = _ancestor_reason(Path(os.path.realpath(existing.parent)))
+    if why is not None:
+        return why
+    if existing != path:
         return None
+    st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
         return "is a symbolic link"
     if not stat.S_ISDIR(st.st_mode):
@@ -91,4 +104,14 @@ def unsafe_dir_reason(path: Path) -> str | None:
         return f"is owned by uid {st.st_uid}, not by uid {os.geteuid()}"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _ancestor_reason(directory: Path) -> str | None:
+    st = os.stat(directory)
+    if st.st_uid not in (0, os.geteuid()):
+        return f"is below {directory}, which uid {st.st_uid} owns"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        return (f"is below {directory}, which group or others may write "
+                f"(mode {stat.S_IMODE(st.st_mode):04o})")
     return None

@@ -66,23 +66,32 @@ def parse_json(data: bytes) -> Any:
                          object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError) as exc:  # also int() past Python's digit limit
         raise FormatError(f"not valid JSON: {exc}") from None
-    if _LONE_SURROGATE.search(text) and _has_surrogate(doc):
-        # "\ud800" parses, but no UTF-8 encodes it: the canonical bytes could not be made.
-        raise FormatError("not valid JSON: a string has a lone surrogate (\\ud800-\\udfff)")
+    _check_shape(doc, surrogates=bool(_LONE_SURROGATE.search(text)))
     return doc
 
 
 _LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+#: No document of the protocol nests deeper than 4; this bound keeps every recursive walk
+#: (canonical form, float check) far from Python's recursion limit.
+MAX_DEPTH = 32
 
 
-def _has_surrogate(value: Any) -> bool:
-    if isinstance(value, str):
-        return any("\ud800" <= c <= "\udfff" for c in value)
-    if isinstance(value, dict):
-        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_surrogate(v) for v in value)
-    return False
+def _check_shape(doc: Any, *, surrogates: bool) -> None:
+    """Refuse nesting deeper than :data:`MAX_DEPTH` and, when the text has ``\\ud8..``
+    escapes, lone surrogates (they parse, but no UTF-8 encodes them: no canonical bytes).
+    Iterative, so a hostile document cannot exhaust the stack here either."""
+    stack: list[tuple[Any, int]] = [(doc, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth >= MAX_DEPTH:
+                raise FormatError(f"not valid JSON: nested deeper than {MAX_DEPTH} levels")
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+        elif surrogates and isinstance(value, str) and \
+                any("\ud800" <= c <= "\udfff" for c in value):
+            raise FormatError("not valid JSON: a string has a lone surrogate "
+                              "(\\ud800-\\udfff)")
 
 
 def canonical_bytes(signed: Any) -> bytes:
@@ -338,6 +347,14 @@ def check_root_fresh(root: Root, now: datetime) -> None:
         raise ExpiredMetadataError(
             f"trusted root v{root.version} expired at {format_time(root.expires)}: the "
             "operators must publish a new root (opq-box-publish rotate)")
+
+
+def release_keys_id(root: Root) -> str:
+    """A fingerprint of ``root``'s release role (its keyids and threshold): floors remember
+    the release keys they were set under, so a change is seen whenever it is trusted."""
+    role = root.role("release")
+    return hashlib.sha256(f"{role.threshold}:{','.join(sorted(role.keyids))}".encode()
+                          ).hexdigest()[:16]
 
 
 def release_keys_changed(old: Root, new: Root) -> bool:

@@ -51,6 +51,7 @@ class ChannelState(NamedTuple):
     installed_version: int = 0  # the last release of this channel the box installed
     floor_version: int = 0  # highest release version accepted
     floor_issued: str | None = None  # issued of the accepted release at floor_version
+    floor_keys: str | None = None  # the release keys the floor was set under
     failed_versions: tuple[int, ...] = ()
     interrupted_version: int = 0  # a release whose apply a power cut interrupted ...
     interruptions: int = 0  # ... this many times (it counts as failed at MAX_INTERRUPTIONS)
@@ -62,6 +63,7 @@ class State(NamedTuple):
     installed_channel: str | None = None  # the channel whose release is on the box
     channels: dict[str, ChannelState] = {}
     time_floor: str | None = None  # newest issued ever accepted (trusted_now), any channel
+    time_floor_keys: str | None = None  # the release keys the time floor was set under
     etag: str | None = None
     last_modified: str | None = None
     metadata_url: str | None = None  # the URL the validators belong to
@@ -174,13 +176,15 @@ def _optional_string_map(value: Any) -> bool:
 
 
 _STATE_FIELDS: dict[str, Any] = {
-    "installed_channel": _optional_str, "time_floor": _optional_time, "etag": _optional_str,
+    "installed_channel": _optional_str, "time_floor": _optional_time,
+    "time_floor_keys": _optional_str, "etag": _optional_str,
     "last_modified": _optional_str, "metadata_url": _optional_str,
     "applied_packages": _string_map, "unrestored": _strings,
 }
 _CHANNEL_FIELDS: dict[str, Any] = {
     "installed_version": _count, "floor_version": _count, "floor_issued": _optional_time,
-    "failed_versions": _counts, "interrupted_version": _count, "interruptions": _count,
+    "floor_keys": _optional_str, "failed_versions": _counts, "interrupted_version": _count,
+    "interruptions": _count,
 }
 _JOURNAL_FIELDS: dict[str, Any] = {
     "phase": lambda v: v in PHASES, "target_version": _count, "previous_version": _count,
@@ -246,7 +250,7 @@ class Store:
             raise StateError(f"cannot read {self.state_path}: {exc.strerror}") from None
         try:
             return State.from_json(data)
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:
             if not repair:
                 raise StateError(f"{self.state_path} is corrupt ({exc}); the next run moves "
                                  "it aside and starts from a fresh state") from None

@@ -91,7 +91,7 @@ class Transaction:
             return Applied("postponed", f"release {version} postponed: {exc}")
         except Exception as exc:  # anything failing once dpkg may have run is rolled back
             logger.warning("applying release %d failed: %s; rolling back", version, exc)
-            self.roll_back(state, journal, plan, installer, str(exc), interrupted=False)
+            self.roll_back(state, journal, plan, installer, str(exc), failed=True)
         fault_point("commit")
         self.commit(state, journal, plan, installer)
         logger.info("release %d installed", version)
@@ -117,66 +117,68 @@ class Transaction:
         return state
 
     def roll_back(self, state: State, journal: Journal, plan: UpdatePlan,
-                  installer: Installer, why: str, *, interrupted: bool) -> NoReturn:
-        """Undo an apply and raise :class:`ApplyError`.
-
-        An apply that failed by itself (dpkg, run script, health check) marks its version
-        failed at once, before the rollback starts, so a power cut during the rollback
-        cannot forget it. An interrupted apply says nothing about the release: it is retried
-        until it was interrupted :data:`MAX_INTERRUPTIONS` times.
-        """
+                  installer: Installer, why: str, *, failed: bool) -> NoReturn:
+        """Undo an apply and raise :class:`ApplyError`. A ``failed`` release (it failed by
+        itself, or was interrupted too often) is marked failed before the rollback starts,
+        so a power cut during the rollback cannot forget it."""
         channel = journal.channel or DEFAULT_CHANNEL
         version = journal.target_version
-        if not interrupted:
+        if failed:
             state = _with_failed(state, channel, version)
         state = self.journal(state, journal._replace(phase="rolling-back"))
         fault_point("rollback")
         unrestored = tuple(installer.rollback(plan, journal.previous))
-        retry = ""
-        if interrupted:
-            ch = state.channel(channel)
-            count = ch.interruptions + 1 if ch.interrupted_version == version else 1
-            state = state.with_channel(channel, ch._replace(interrupted_version=version,
-                                                            interruptions=count))
-            if count >= MAX_INTERRUPTIONS:
-                state = _with_failed(state, channel, version)
-                retry = (f"; interrupted {count} times, it now counts as failed "
-                         "(use 'run --force' to retry it)")
-            else:
-                retry = (f"; it is retried on the next run (interruption {count} of "
-                         f"{MAX_INTERRUPTIONS})")
         self.store.save(state._replace(unrestored=unrestored, journal=Journal()))
         tail = f"; could not restore: {', '.join(unrestored)}" if unrestored else ""
-        raise ApplyError(f"release {version} failed and was rolled back ({why}){retry}{tail}",
+        raise ApplyError(f"release {version} failed and was rolled back ({why}){tail}",
                          unrestored)
 
     # --- crash recovery ----------------------------------------------------------------
 
     def recover(self, state: State) -> State:
         """Finish or undo the apply of a run that died (DESIGN 3.4), without the network:
-        commit only an update that is fully installed and healthy, else roll back."""
+        commit only an update that is fully installed and healthy, else roll back.
+
+        Every recovery counts as one interruption of the journal's release, recorded before
+        anything runs: a release whose apply (or recovery) kills the box every time is
+        rolled back without another try at the :data:`MAX_INTERRUPTIONS`-th. An interrupted
+        apply says nothing about the release, so below that it is retried; one that failed
+        by itself (run script finished non-zero, health check of a complete install) is
+        marked failed at once.
+        """
         from .installer import FAILED, HEALTHY, Installer
 
         journal = state.journal
-        logger.warning("a previous run died while %s release %d; recovering",
-                       journal.phase, journal.target_version)
+        channel = journal.channel or DEFAULT_CHANNEL
+        version = journal.target_version
+        ch = state.channel(channel)
+        count = ch.interruptions + 1 if ch.interrupted_version == version else 1
+        state = state.with_channel(channel, ch._replace(interrupted_version=version,
+                                                        interruptions=count))
+        self.store.save(state)
+        logger.warning("a previous run died while %s release %d (interruption %d of %d); "
+                       "recovering", journal.phase, version, count, MAX_INTERRUPTIONS)
         installer = Installer(self.config)
         plan, readable = self._recovery_plan(journal)
         try:
+            if count >= MAX_INTERRUPTIONS:
+                self.roll_back(state, journal, plan, installer,
+                               f"interrupted {count} times, it now counts as failed; use "
+                               "'run --force' to retry it", failed=True)
             verdict = installer.recover(plan, journal.previous) \
                 if journal.phase == "applying" and readable else None
             if verdict == HEALTHY:
                 state = self.commit(state, journal, plan, installer)
-                logger.info("recovered: release %d is installed and healthy",
-                            journal.target_version)
+                logger.info("recovered: release %d is installed and healthy", version)
                 installer.post_update(plan)
                 return state
             if verdict == FAILED:
                 self.roll_back(state, journal, plan, installer,
                                "its run script or health check failed after an interruption",
-                               interrupted=False)
+                               failed=True)
             self.roll_back(state, journal, plan, installer,
-                           f"interrupted while {journal.phase}", interrupted=True)
+                           f"interrupted while {journal.phase}; it is retried on the next run "
+                           f"(interruption {count} of {MAX_INTERRUPTIONS})", failed=False)
         finally:
             shutil.rmtree(plan.workdir, ignore_errors=True)
 

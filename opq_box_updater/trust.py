@@ -13,8 +13,12 @@ about trust. Rules (DESIGN 2.2-2.3, 3.1):
 * a release must name exactly the newest trusted root, carry its channel's name, be signed
   by that root's release threshold, be unexpired at trusted time, and not be older than the
   channel's floors;
-* when a newly accepted root changes the release role, the channel's floor falls back to its
-  installed version and the time floor to the system clock (fast-forward recovery).
+* when the trusted root's release role is not the one a floor was set under, the channel's
+  floor falls back to its installed version and the time floor to the system clock
+  (fast-forward recovery). Each floor remembers the release keys it was set under, so the
+  fall-back happens whenever the change is first trusted for that floor: also on the run
+  after a power cut that stored the new root but not the floors, and on a channel the box
+  returns to after the rotation was walked on another.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from .metadata import (
     parse_release,
     parse_root,
     release_keys_changed,
+    release_keys_id,
     trusted_now,
     verify_next_root,
     verify_release,
@@ -78,20 +83,27 @@ class Accepted(NamedTuple):
     new_roots: tuple[tuple[int, bytes], ...]  # (version, bytes as served) to store
     floors: Floors  # the channel's new floors
     time_floor: datetime  # the newest issued ever accepted
-    floors_reset: bool  # a new root changed the release keys: floors fell back
+    keys_id: str  # the release keys both floors are now set under (release_keys_id)
+    floors_reset: bool  # the release keys changed since the floors were set: they fell back
 
 
 class TrustedSet:
     """Trusted state of one channel for one run; verifies what the fetcher brings."""
 
     def __init__(self, root: Root, *, channel: str, floors: Floors,
-                 time_floor: datetime | None, installed_version: int) -> None:
+                 time_floor: datetime | None, installed_version: int,
+                 floors_keys: str | None = None, time_floor_keys: str | None = None) -> None:
+        """``floors_keys``/``time_floor_keys``: the :func:`release_keys_id` each floor was
+        set under; ``None`` (a state from before they were recorded) falls back only when
+        this run walks to a root that changes the release keys."""
         self._start = root
         self._root = root
         self._new_roots: list[tuple[int, bytes]] = []
         self.channel = channel
         self.floors = floors
+        self.floors_keys = floors_keys
         self.time_floor = time_floor
+        self.time_floor_keys = time_floor_keys
         self.installed_version = installed_version
 
     @property
@@ -136,22 +148,32 @@ class TrustedSet:
         """Verify the channel's release against the newest trusted root, trusted time and
         the channel's floors; return it with the state to persist."""
         floors, time_floor = self.floors, self.time_floor
-        reset = bool(self._new_roots) and release_keys_changed(self._start, self._root)
-        if reset:
-            floors, time_floor = Floors(self.installed_version, None), None
+        if self._keys_changed(self.floors_keys):
+            floors = Floors(self.installed_version, None)
+        if self._keys_changed(self.time_floor_keys):
+            time_floor = None
         now = trusted_now(clock, time_floor)
         # After the walk: a box whose stored root expired must still reach the new one.
         check_root_fresh(self._root, now)
-        release = verify_release(self._root, data, now, floors)
+        release = verify_release(self._root, data, now, Floors())
+        # The channel before the floors: another channel's release is named as such, not
+        # as a rollback.
         if release.channel != self.channel:
             raise WrongChannelError(
                 f"release v{release.version} was published for channel {release.channel!r}, "
                 f"but this box follows {self.channel!r} (version_file): another channel's "
                 "release served at this path, or a misconfigured server")
+        check_floors(release, floors)
         new_time = release.issued if time_floor is None or release.issued > time_floor \
             else time_floor
         return Accepted(release, self._root, tuple(self._new_roots),
-                        Floors(release.version, release.issued), new_time, reset)
+                        Floors(release.version, release.issued), new_time,
+                        release_keys_id(self._root), floors is not self.floors)
+
+    def _keys_changed(self, keys_id: str | None) -> bool:
+        if keys_id is None:
+            return bool(self._new_roots) and release_keys_changed(self._start, self._root)
+        return keys_id != release_keys_id(self._root)
 
     def check_cached(self, data: bytes, clock: datetime) -> Release:
         """The stored release the server says is unchanged (304): it was verified when
@@ -159,6 +181,12 @@ class TrustedSet:
         now = self.now(clock)
         check_root_fresh(self._root, now)
         release = parse_release(parse_envelope(data))
+        if release.root_version != self._root.version:
+            # Verified under another root (a new anchor was installed since): its signers may
+            # be revoked keys. Only a fresh, fully verified copy will do.
+            raise BadVersionError(f"stored release v{release.version} names root "
+                                  f"v{release.root_version}, not the trusted root "
+                                  f"v{self._root.version}")
         if release.expires <= now:
             raise ExpiredMetadataError(
                 f"release v{release.version} expired at {format_time(release.expires)} and "

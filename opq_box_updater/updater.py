@@ -210,7 +210,7 @@ class Updater:
                                     ca_bundle=self.config.ca_bundle, progress=self.progress)
         return self._fetcher
 
-    def _trusted_set(self, state: State) -> TrustedSet:
+    def _trusted_set(self, state: State) -> tuple[TrustedSet, State]:
         """The trust core, loaded with what the box stored for its channel."""
         stored = self.store.stored_roots()
         anchor_version = self.anchor.version
@@ -223,21 +223,24 @@ class Updater:
             raise ConfigError(f"trust anchor {self.config.trust_root} is invalid: "
                               f"{exc}") from None
         if start.store_anchor:
-            # Roots stored from an older anchor's chain are superseded by this anchor.
+            # Roots stored from an older anchor's chain are superseded by this anchor, and so
+            # is the release verified under them: no 304 may bring it back.
             for version, path in stored.items():
                 if version >= anchor_version:
                     path.unlink()
             self.store.save_root(anchor_version, self.anchor_bytes)
+            state = state._replace(etag=None, last_modified=None, metadata_url=None)
         ch = state.channel(self.channel)
         return TrustedSet(start.root, channel=self.channel,
                           floors=Floors(ch.floor_version, _time(ch.floor_issued)),
-                          time_floor=_time(state.time_floor),
-                          installed_version=state.installed_for(self.channel))
+                          floors_keys=ch.floor_keys, time_floor=_time(state.time_floor),
+                          time_floor_keys=state.time_floor_keys,
+                          installed_version=state.installed_for(self.channel)), state
 
     def _refresh_metadata(self, state: State) -> tuple[State, Release]:
         """Steps 2-4: conditional GET, root walk, verification; the trust core decides, this
         fetches and then persists only what it accepted."""
-        trusted = self._trusted_set(state)
+        trusted, state = self._trusted_set(state)
         clock = self.clock()
         if trusted.clock_behind(clock):
             logger.warning("system clock %s is behind the newest release seen (%s); using "
@@ -273,9 +276,11 @@ class Updater:
             self.store.save_root(version, data)
         release = accepted.release
         ch = state.channel(self.channel)._replace(floor_version=accepted.floors.version,
-                                                  floor_issued=release.issued_str)
+                                                  floor_issued=release.issued_str,
+                                                  floor_keys=accepted.keys_id)
         state = state.with_channel(self.channel, ch)._replace(
-            time_floor=metadata.format_time(accepted.time_floor), etag=response.etag,
+            time_floor=metadata.format_time(accepted.time_floor),
+            time_floor_keys=accepted.keys_id, etag=response.etag,
             last_modified=response.last_modified, metadata_url=url)
         self.store.save_release(body)
         self.store.save(state)
@@ -309,18 +314,19 @@ class Updater:
         if not metadata.in_rollout(self.config.box_id, version, release.rollout_percent):
             return Outcome("outside-rollout", f"release {version} is rolled out to "
                            f"{release.rollout_percent}% of boxes; not this one yet", version)
+        if release.package.length > self.config.max_package_bytes:
+            # Refused before downloading (check says the same), but not marked failed: the
+            # limit is the box's own, and raising it must be enough to take the release.
+            raise LengthOrHashMismatchError(
+                f"release {version}'s package is {release.package.length} bytes, over "
+                f"max_package_bytes ({self.config.max_package_bytes}); raise it in "
+                f"{self.config.path} to take this release")
         return None
 
     # --- download, extract, apply --------------------------------------------------------
 
     def _update(self, state: State, release: Release, dry_run: bool) -> Outcome:
         ref = release.package
-        if ref.length > self.config.max_package_bytes:
-            if not dry_run:
-                self.tx.mark_failed(state, self.channel, release.version)
-            raise LengthOrHashMismatchError(
-                f"release {release.version}'s package is {ref.length} bytes, over "
-                f"max_package_bytes ({self.config.max_package_bytes})")
         download_dir = self.config.download_dir_path
         with local_storage(f"cannot use {download_dir} (download_dir_path)",
                            "fix it and run again"):

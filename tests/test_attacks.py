@@ -420,3 +420,42 @@ def test_a_directory_another_user_controls_is_refused(world: World, where: str,
     assert str(target) in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert w.box.digest() == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+@pytest.mark.parametrize("where", ["state", "cache"])
+def test_a_directory_below_one_another_user_owns_is_refused(world: World, where: str) -> None:
+    """Whoever owns a parent can swap the whole path for a symlink between the check and the
+    write (O_NOFOLLOW guards only the last component)."""
+    w = world
+    w.sim.release(2)
+    parent = w.box.base / "home-pi"
+    parent.mkdir()
+    os.chown(parent, 65534, 65534)
+    target = parent / where
+    target.mkdir(mode=0o700)
+    w.box.write_config(**{"state_dir" if where == "state" else "download_dir_path":
+                          str(target) + "/"})
+    proc = w.box.run("run")
+    assert proc.returncode == 2, proc.stderr
+    assert f"below {parent}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_package_over_max_package_bytes_is_refused_before_downloading(world: World) -> None:
+    """A local limit: check and run both refuse (3) without downloading, and the release is
+    not marked failed, so raising the limit is enough to take it."""
+    w = world
+    w.sim.release(2)
+    length = w.sim.current().package.length  # type: ignore[union-attr]
+    w.box.write_config(max_package_bytes=length - 1)
+    served = len(w.server.log)
+    for command in ("check", "run"):
+        proc = w.box.run(command)
+        assert proc.returncode == REFUSED, proc.stderr
+        assert "max_package_bytes" in proc.stderr
+    assert not [r for r in w.server.log[served:] if r.path.startswith("/packages/")]
+    assert w.box.status()["failed_versions"] == []
+    w.box.write_config(max_package_bytes=length)
+    proc = w.box.run("run")
+    assert proc.returncode == 0, proc.stderr
+    assert w.box.status()["installed_version"] == 2

@@ -445,6 +445,26 @@ def test_an_apply_interrupted_three_times_counts_as_failed(world: World) -> None
     assert status["installed_version"] == 1
 
 
+def test_a_release_that_kills_the_box_every_time_is_given_up_on(world: World) -> None:
+    """The health check kills the updater on every run, recoveries included: each recovery
+    counts before it runs anything, so the third rolls back without trying again."""
+    w = world
+    install_v1(w)
+    kill_always = POWERCUT.replace(f'[ ! -e "${CUT_ENV}" ]', "true")
+    publish_v2(w, healthcheck=f"echo healthcheck\n{kill_always}")
+    env = {**os.environ, CUT_ENV: str(w.tmp / "powercut-done")}
+    cmd = [PY, "-m", "opq_box_updater.cli", "--config", str(w.box.config_path), "run"]
+    for _ in range(3):  # the apply, then two recoveries, each killed by the health check
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == -9, proc.stderr
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == APPLY_FAILED, proc.stderr
+    assert "interrupted 3 times, it now counts as failed" in proc.stderr
+    assert_converged(w, 1, failed=[2])
+    w.run("run", expect=OK)
+    assert w.box.status()["last_result"] == "skipped-failed"
+
+
 def test_an_update_torn_by_the_power_cut_is_rolled_back_not_committed(world: World) -> None:
     """Extracted files are not fsynced: if the cut tore them, recovery cannot run the
     package's run script and health check, so it must not commit."""

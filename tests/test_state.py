@@ -18,7 +18,9 @@ def test_state_round_trip(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.ensure_dirs()
     state = State(installed_channel="version.json",
-                  channels={"version.json": ChannelState(3, 4, None, (2, 4)),
+                  channels={"version.json": ChannelState(installed_version=3, floor_version=4,
+                                                          failed_versions=(2, 4),
+                                                          floor_keys="ab12"),
                             "version-beta.json": ChannelState(floor_version=9,
                                                               floor_issued="2026-01-01T00:00:00Z",
                                                               interrupted_version=9,
@@ -66,3 +68,11 @@ def test_lock_is_exclusive_and_names_the_holder(tmp_path: Path) -> None:
         holder.wait()
     with Lock(path):  # released by the holder's death, as flock is
         assert path.read_text().strip() == str(os.getpid())
+
+
+def test_deeply_nested_state_is_moved_aside_not_a_crash(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.ensure_dirs()
+    store.state_path.write_bytes(b"[" * 100000)
+    assert store.load() == State()
+    assert len(list(tmp_path.glob("state.json.corrupt-*"))) == 1

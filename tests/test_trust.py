@@ -98,12 +98,16 @@ class Box:
     floor_issued: datetime | None = None
     time_floor: datetime | None = None
     installed: int = 0
+    keys_of_root: int | None = None  # the root whose release keys set both floors
 
     def trusted(self) -> TrustedSet:
         root = md.parse_root(self.repo.roots[self.root_version])
+        keys = md.release_keys_id(md.parse_root(self.repo.roots[self.keys_of_root])) \
+            if self.keys_of_root else None
         return TrustedSet(root, channel=self.channel,
-                          floors=md.Floors(self.floor, self.floor_issued),
-                          time_floor=self.time_floor, installed_version=self.installed)
+                          floors=md.Floors(self.floor, self.floor_issued), floors_keys=keys,
+                          time_floor=self.time_floor, time_floor_keys=keys,
+                          installed_version=self.installed)
 
     def update(self, release: bytes, clock: datetime = NOW) -> Accepted:
         """What the updater does with a fetched release: walk, then verify."""
@@ -242,6 +246,35 @@ def _stolen_key_recovery() -> tuple[Box, bytes, datetime]:
     return box, repo.release(4), NOW
 
 
+def _cut_after_the_new_root_was_stored() -> tuple[Box, bytes, datetime]:
+    """The run that walked to the rotated root stored it, then the power went before the
+    floors were written: the next run walks nothing, yet the floors must still fall back."""
+    repo = Repo()
+    box = Box(repo, floor=1000, floor_issued=NOW + 20000 * DAY, time_floor=NOW + 20000 * DAY,
+              installed=3, keys_of_root=1)
+    repo.rotate_release([Key()])
+    box.root_version = 2
+    return box, repo.release(4), NOW
+
+
+def _channel_returned_to_after_the_rotation() -> tuple[Box, bytes, datetime]:
+    """beta's floor was raised by the stolen key; the rotation was walked on stable; the box
+    comes back to beta, whose floor was set under the old keys."""
+    repo = Repo()
+    box = Box(repo, channel="version-beta.json", floor=1000, floor_issued=NOW,
+              keys_of_root=1, installed=0)
+    repo.rotate_release([Key()])
+    box.root_version = 2
+    return box, repo.release(2, channel="version-beta.json"), NOW
+
+
+def _floor_set_under_the_current_keys() -> tuple[Box, bytes, datetime]:
+    repo = Repo()
+    repo.add_root()  # a root-role-only rotation: the release keys are the same
+    return Box(repo, root_version=2, floor=5, floor_issued=NOW, keys_of_root=1), \
+        repo.release(4), NOW
+
+
 def _threshold_only_change() -> tuple[Box, bytes, datetime]:
     repo = Repo(release_keys=[Key(), Key()])
     box = Box(repo, floor=1000, floor_issued=NOW, installed=3)
@@ -319,6 +352,13 @@ CASES = [
         _threshold_only_change, check=lambda a: a.floors_reset),
     Row("a root-role rotation keeps the release floor", _root_keys_only_change,
         RollbackError),
+    Row("stolen release key: a power cut after the new root was stored still resets",
+        _cut_after_the_new_root_was_stored,
+        check=lambda a: a.floors_reset and a.floors.version == 4 and a.time_floor == NOW),
+    Row("stolen release key: a channel the box returns to after the rotation resets",
+        _channel_returned_to_after_the_rotation, check=lambda a: a.floors_reset),
+    Row("rollback: a floor set under the keys still trusted holds",
+        _floor_set_under_the_current_keys, RollbackError),
     Row("a signed issued in year 999 (would not survive a round trip)", _year_999,
         FormatError),
     Row("a lone surrogate in a signed string (exit 3, not a crash)", _lone_surrogate,
@@ -417,6 +457,24 @@ def test_cached_release(clock: datetime, error: type[RepositoryError] | None) ->
     else:
         with pytest.raises(error):
             box.trusted().check_cached(data, clock)
+
+
+def test_cached_release_of_an_older_root_is_refused() -> None:
+    """A 304 must not bring back a release verified under a root the box no longer trusts
+    (a new anchor, or a rotation): its signers may be the revoked keys."""
+    repo = Repo()
+    old = repo.release(5)
+    repo.rotate_release([Key()])
+    with pytest.raises(BadVersionError):
+        Box(repo, root_version=2).trusted().check_cached(old, NOW)
+
+
+def test_nesting_and_surrogates_are_format_errors_not_crashes() -> None:
+    repo = Repo()
+    deep = b'{"signed": ' + b"[" * 900 + b'"\\ud800"' + b"]" * 900 + b', "signatures": []}'
+    for data in (deep, b"[" * 100000, repo.release(2, fields={"notes": [[[[[[["x"]]]]]]]})):
+        with pytest.raises(FormatError):
+            Box(repo).update(data)
 
 
 def test_cached_release_of_another_channel_is_refused() -> None:
