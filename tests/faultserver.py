@@ -101,10 +101,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         owner = self.server.owner
         path = unquote(urlsplit(self.path).path)
-        self._status, self._sent, self._trickle_headers = 0, 0, None
+        self._status, self._sent, self._trickle_headers, self._fault = 0, 0, None, None
         owner.begin()
         try:
-            self._answer(path, self._take(path))
+            if not self._refuse_bad_headers():
+                self._answer(path, self._take(path))
         except OSError:
             self.close_connection = True  # the client went away (or we reset it)
         finally:
@@ -115,7 +116,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Store the body in :attr:`FaultServer.posted`; answer 204 or the fault's status."""
         owner = self.server.owner
         path = unquote(urlsplit(self.path).path)
-        self._status, self._sent, self._trickle_headers = 0, 0, None
+        self._status, self._sent, self._trickle_headers, self._fault = 0, 0, None, None
         owner.begin()
         try:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -131,6 +132,16 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             owner.record(LoggedRequest(self.command, path, dict(self.headers.items()),
                                        self._status, self._sent))
+
+    def _refuse_bad_headers(self) -> bool:
+        """Answer 400 to a request header nginx refuses (a NUL, a line above 8 KiB), as a
+        real server in front of a box would; True if it did."""
+        if all("\x00" not in value and len(name) + len(value) < 8190
+               for name, value in self.headers.items()):
+            return False
+        self.close_connection = True
+        self._head(400, {"Content-Length": "0", "Connection": "close"})
+        return True
 
     def _take(self, path: str) -> Fault:
         """This request's fault; sets up the protocol version it asks for."""

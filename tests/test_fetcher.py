@@ -28,7 +28,8 @@ from opq_box_updater.errors import (
     LengthOrHashMismatchError,
     SlowRetrievalError,
 )
-from opq_box_updater.fetcher import CHUNK_SIZE, HASH_QUEUE, Fetcher, post_report
+from opq_box_updater.fetcher import Fetcher, post_report
+from opq_box_updater.partfile import CHUNK_SIZE, HASH_QUEUE
 
 META = "version.json"
 META_BODY = b'{"signed": {"type": "release"}, "signatures": []}'.ljust(100)
