@@ -7,6 +7,7 @@ server is cut off at all, not how precisely.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import socket
 import ssl
@@ -27,6 +28,7 @@ from opq_box_updater.errors import (
     DownloadHTTPError,
     LengthOrHashMismatchError,
     SlowRetrievalError,
+    StateError,
 )
 from opq_box_updater.fetcher import Fetcher, post_report
 from opq_box_updater.partfile import CHUNK_SIZE, HASH_QUEUE
@@ -269,6 +271,57 @@ def test_corrupt_package_on_disk_is_fetched_again(server: FaultServer, package: 
     dest.mkdir()
     (dest / f"{package.sha256}.zip").write_bytes(b"not the package")
     assert get_package(server, package, dest).read_bytes() == package.data
+
+
+# Planted in the download directory by someone else (issue 13, item 2): each must be removed,
+# never written or read through; the download then succeeds.
+PLANTS = {
+    "part-symlink": ("part", lambda target, at: at.symlink_to(target)),
+    "part-dangling-symlink": ("part", lambda target, at: at.symlink_to(target.parent / "new")),
+    "part-hard-link": ("part", lambda target, at: os.link(target, at)),
+    "part-fifo": ("part", lambda target, at: os.mkfifo(at)),
+    "zip-symlink": ("zip", lambda target, at: at.symlink_to(target)),
+    "zip-hard-link": ("zip", lambda target, at: os.link(target, at)),
+}
+
+
+@pytest.mark.parametrize("plant", PLANTS)
+def test_a_planted_link_is_never_written_through(server: FaultServer, package: Package,
+                                                 dest: Path, tmp_path: Path,
+                                                 plant: str) -> None:
+    suffix, make = PLANTS[plant]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / "precious"
+    target.write_bytes(package.data[:1000])  # a prefix: a resume would append the rest
+    dest.mkdir()
+    make(target, dest / f"{package.sha256}.{suffix}")
+    assert get_package(server, package, dest).read_bytes() == package.data
+    assert target.read_bytes() == package.data[:1000]
+    assert sorted(p.name for p in outside.iterdir()) == ["precious"]
+    final = dest / f"{package.sha256}.zip"
+    assert not final.is_symlink() and final.stat().st_nlink == 1
+    assert "Range" not in server.log[-1].headers  # nothing was "resumed" from the target
+
+
+def test_a_planted_zip_symlink_to_the_right_bytes_is_still_replaced(
+        server: FaultServer, package: Package, dest: Path, tmp_path: Path) -> None:
+    """Even the right bytes are not trusted behind a link: whoever owns the target could
+    change them between the hash check and the extraction."""
+    target = tmp_path / "theirs.zip"
+    target.write_bytes(package.data)
+    dest.mkdir()
+    (dest / f"{package.sha256}.zip").symlink_to(target)
+    path = get_package(server, package, dest)
+    assert not path.is_symlink() and path.read_bytes() == package.data
+    assert len(server.log) == 1
+
+
+def test_a_planted_directory_is_a_clear_state_error(server: FaultServer, package: Package,
+                                                    dest: Path) -> None:
+    (dest / f"{package.sha256}.part" / "x").mkdir(parents=True)
+    with pytest.raises(StateError, match="remove it by hand"):
+        get_package(server, package, dest)
 
 
 @pytest.mark.parametrize("fault", [
