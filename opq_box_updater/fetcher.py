@@ -285,8 +285,13 @@ class Fetcher:
                         raise _StartOver("partial file is complete but its SHA-256 is wrong")
                     return commit(part, final)
                 logger.info("%s: resuming at byte %d of %d", url, offset, length)
-            with self._get(url, {"Range": f"bytes={offset}-"} if offset else {}) as resp:
-                self._receive(url, resp, out, part, hasher, offset, sha256, length)
+            try:
+                with self._get(url, {"Range": f"bytes={offset}-"} if offset else {}) as resp:
+                    self._receive(url, resp, out, part, hasher, offset, sha256, length)
+            except BaseException:
+                if out.tell() == 0:  # nothing to resume: leave no empty .part behind
+                    part.unlink(missing_ok=True)
+                raise
         return commit(part, final)
 
     def _receive(self, url: str, resp: requests.Response, out: IO[bytes], part: Path,

@@ -14,6 +14,7 @@ floors and validators like ``apt update``; the faulty run then changes nothing a
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ import pytest
 from conftest import Box
 from faultserver import Fault, FaultServer
 from reposim import RepoSim
+
+from opq_box_updater.httpcheck import valid_etag, valid_last_modified
 
 NETWORK = 4
 PAYLOAD = 512 * 1024  # random, so the zip is about as long
@@ -63,6 +66,28 @@ CASES: dict[str, Case] = {
                                         config={"timeouts": {"connect": 2, "read": 2,
                                                              "total": 2.5}}),
     "package-redirect-loop": Case("package", Fault(redirect_loop=True), "redirect"),
+    # The deadline when the socket goes with the response (issue 13, 1.1): before the fix
+    # these ran for the whole trickle (minutes), far past timeouts.total.
+    **{f"{target}-one-byte-per-second-{name}": Case(
+        target, Fault(trickle=1.0, **fault), "timeouts.total",  # type: ignore[arg-type]
+        partial=target == "package",
+        config={"timeouts": {"connect": 2, "read": 2, "total": 2.5}})
+       for target in ("version", "package")
+       for name, fault in (("connection-close", {"connection_close": True}),
+                           ("http-1.0", {"http10": True}))},
+    # Hostile headers (issue 13, 1.4): exit 4, never 1.
+    "version-superscript-content-length": Case(
+        "version", Fault(headers={"Content-Length": "\xb2"}, truncate_after=0),
+        "invalid Content-Length"),
+    "package-superscript-content-length": Case(
+        "package", Fault(headers={"Content-Length": "\xb2"}, truncate_after=0),
+        "invalid Content-Length"),
+    "version-redirect-to-unclosed-ipv6": Case("version", Fault(redirect_to="http://[::1"),
+                                              "Invalid IPv6 URL"),
+    "package-redirect-to-bad-ipv6": Case("package", Fault(redirect_to="http://[zzz]/"),
+                                         "does not appear to be an IPv4 or IPv6 address"),
+    "package-redirect-non-utf-8": Case("package", Fault(redirect_to="/\xff\xfe.zip"),
+                                       "can't decode"),
 }
 
 
@@ -129,7 +154,7 @@ def test_fault_is_exit_4_then_the_next_run_succeeds_and_resumes(world: World, na
     before = w.box.digest()
     w.server.set_fault(path, case.fault)
 
-    proc = w.box.run("-q", "run")
+    proc = w.box.run("-q", "run", timeout=90)  # every fault here ends within 30 s
 
     assert proc.returncode == NETWORK, proc.stderr
     assert_one_error_line(proc.stderr, w.server.url + path, case.says)
@@ -222,3 +247,61 @@ def test_without_q_the_error_is_still_one_line_after_the_progress_log(world: Wor
     assert len(errors) == 1 and proc.stderr.splitlines()[-1] == errors[0], proc.stderr
     assert errors[0].startswith("error: ") and "Traceback" not in proc.stderr
     assert "verified release 2" in proc.stderr
+
+
+# --- validator poisoning (issue 13, 1.2) ----------------------------------------------------
+
+POISONS = {
+    "folded-etag": {"ETag": '"abc"\r\n "def"'},
+    "nul-etag": {"ETag": '"a\x00b"'},
+    "10k-etag": {"ETag": '"' + "a" * 10240 + '"'},
+    "95-folded-lines": {"ETag": "\r\n ".join(['"x"'] * 95)},
+    "folded-last-modified": {"Last-Modified": "Sun, 06 Nov 1994 08:49:37 GMT\r\n x"},
+}
+
+
+def stored_validators(box: Box) -> tuple[Any, Any]:
+    state = json.loads((box.state_dir / "state.json").read_text())
+    return state.get("etag"), state.get("last_modified")
+
+
+def assert_state_small_and_clean(box: Box) -> None:
+    assert (box.state_dir / "state.json").stat().st_size < 8192
+    etag, last_modified = stored_validators(box)
+    assert etag is None or valid_etag(etag) == etag
+    assert last_modified is None or valid_last_modified(last_modified) == last_modified
+
+
+@pytest.mark.parametrize("poison", POISONS)
+def test_a_validator_poisoned_once_never_locks_the_box_out(world: World, poison: str) -> None:
+    """A validly signed release served once with a malformed or huge validator: the box
+    installs it, stores no such validator, and every later run still works."""
+    w = world
+    w.server.set_fault("/version.json", Fault(headers=POISONS[poison], times=1))
+    assert_ok(w.box.run("run"))
+    assert w.box.status()["installed_version"] == 2
+    assert_state_small_and_clean(w.box)
+    for _ in range(2):  # before the fix: exit 4 on every run from here on
+        assert_ok(w.box.run("-q", "run"))
+    w.sim.release(3)
+    assert_ok(w.box.run("-q", "run"))
+    assert w.box.status()["installed_version"] == 3
+    assert_state_small_and_clean(w.box)
+
+
+def test_validators_poisoned_by_an_older_version_are_never_sent(world: World) -> None:
+    """state.json written by an older updater holds a folded ETag: the box asks without it
+    (requests would refuse it, nginx answer 400), updates, and stores a valid one."""
+    w = world
+    path = w.box.state_dir / "state.json"
+    state = json.loads(path.read_text())
+    assert valid_etag(state["etag"]) == state["etag"]  # the field exists, and is valid now
+    state["etag"] = POISONS["folded-etag"]["ETag"]
+    path.write_text(json.dumps(state))
+    seen = len(w.server.requests_for("/version.json"))
+    assert_ok(w.box.run("-q", "run"))
+    assert w.box.status()["installed_version"] == 2
+    [request] = w.server.requests_for("/version.json")[seen:]
+    assert "If-None-Match" not in request.headers and request.status == 200
+    assert_state_small_and_clean(w.box)
+    assert stored_validators(w.box)[0] is not None
