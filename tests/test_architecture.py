@@ -18,10 +18,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "opq_box_updater"
 #: The box's modules by level: a module imports only from strictly lower levels.
 LEVELS: dict[str, int] = {
     "errors": 0, "faults": 0, "fsutil": 0, "deadline": 0,
-    "metadata": 1, "runner": 1,
+    "metadata": 1, "runner": 1, "partfile": 1,
     "trust": 2, "config": 2, "state": 2, "package": 2, "guard": 2,
-    "applyplan": 3, "fetcher": 3,
-    "installer": 4,
+    "applyplan": 3, "httpcheck": 3,
+    "installer": 4, "fetcher": 4,
     "transaction": 5,
     "updater": 6,
     "cli": 7,
