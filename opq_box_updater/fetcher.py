@@ -3,10 +3,9 @@
 Guarantees, whatever the server does:
 
 * **Deadline.** ``timeouts.total`` seconds after a :class:`Fetcher` is built, all of its network
-  activity stops with :class:`SlowRetrievalError`. Per-read socket timeouts cannot do this (a
-  server sending one byte per second resets them forever), so a watchdog timer shuts down the
-  sockets of every connection the fetcher opened when the deadline passes; a blocked read then
-  returns at once. Every read also re-checks the clock.
+  activity stops with :class:`SlowRetrievalError`, keep-alive or not (the watchdog of
+  :mod:`~opq_box_updater.deadline` shuts down every socket it opened). Every read also
+  re-checks the clock.
 * **Bounded size.** Metadata is read to at most ``max_bytes + 1`` bytes and a package to at most
   ``length + 1`` bytes, whatever Content-Length says or does not say; more is refused with
   :class:`LengthOrHashMismatchError` (the "endless data" attack). Nothing is buffered whole:
@@ -16,7 +15,10 @@ Guarantees, whatever the server does:
   sent and bodies are read raw: the bytes hashed are the bytes served.
 * **Resumable packages.** A partial download survives in ``<sha256>.part`` and is resumed
   with a Range request; a package only appears as ``<sha256>.zip`` once its length and
-  SHA-256 match (not fsynced: every later use hashes it again).
+  SHA-256 match (not fsynced: every later use hashes it again). Neither file is ever opened
+  through a link planted in the download directory (:mod:`~opq_box_updater.partfile`).
+* **Hostile headers.** Only valid, bounded validators are returned and sent; an invalid
+  Content-Length or Location is a :class:`DownloadError` (:mod:`~opq_box_updater.httpcheck`).
 
 Every failure is one line naming the URL, from the :class:`DownloadError` family (exit 4) or
 :class:`LengthOrHashMismatchError` (exit 3). This module imports only the standard library
@@ -45,11 +47,7 @@ import urllib3
 from . import __version__
 from .config import Timeouts, join_url
 from .deadline import DeadlineAdapter, Watchdog
-from .errors import (
-    DownloadError,
-    LengthOrHashMismatchError,
-    SlowRetrievalError,
-)
+from .errors import DownloadError, LengthOrHashMismatchError, SlowRetrievalError
 from .httpcheck import (
     declared_length,
     describe,
@@ -58,20 +56,12 @@ from .httpcheck import (
     valid_etag,
     valid_last_modified,
 )
-from .partfile import (
-    CHUNK_SIZE,
-    HashingThread,
-    commit,
-    hash_file,
-    open_part,
-    zip_matches,
-)
+from .partfile import CHUNK_SIZE, HashingThread, Progress, commit, hash_file, open_part, zip_matches
 
 logger = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 10
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-MIB = 1024 * 1024
 REPORT_DEADLINE = 10.0  # seconds; a status report is never worth holding a run
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -345,7 +335,7 @@ class Fetcher:
         """
         limit = length - offset + 1
         received = 0
-        bar = _Progress(length) if self._progress else None
+        bar = Progress(length) if self._progress else None
         background = HashingThread(hasher)
         try:
             while received < limit:
@@ -483,25 +473,3 @@ def _check_content_range(url: str, resp: requests.Response, offset: int, length:
         part.unlink(missing_ok=True)
         raise LengthOrHashMismatchError(
             f"{url}: server's file has {total} bytes, the release says {length}")
-
-
-class _Progress:
-    """A one-line progress bar on stderr: ``\\r  12.3 MiB / 40.0 MiB  31%``."""
-
-    def __init__(self, total: int) -> None:
-        self._total = total
-        self._last = 0.0
-
-    def update(self, done: int, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last < 0.2:  # a terminal cannot show more anyway
-            return
-        self._last = now
-        percent = done * 100 // self._total if self._total else 100
-        sys.stderr.write(f"\r  {done / MIB:.1f} MiB / {self._total / MIB:.1f} MiB  {percent}%")
-        sys.stderr.flush()
-
-    def finish(self, done: int) -> None:
-        self.update(done, force=True)
-        sys.stderr.write("\n")
-        sys.stderr.flush()

@@ -1,4 +1,5 @@
-"""The download directory's files: ``<sha256>.part`` being written, ``<sha256>.zip`` verified.
+"""The download directory's files: ``<sha256>.part`` being written, ``<sha256>.zip`` verified
+(and the hashing thread and progress bar of a download).
 
 Both are opened with ``O_NOFOLLOW`` and accepted only as a regular file with one link, owned
 by the user running the updater: a symlink or hard link planted in the download directory
@@ -12,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -20,6 +23,7 @@ from .errors import StateError
 
 CHUNK_SIZE = 64 * 1024
 HASH_QUEUE = 16  # chunks in flight to the hashing thread (1 MiB)
+MIB = 1024 * 1024
 
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a planted FIFO
 
@@ -128,3 +132,25 @@ class HashingThread:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
+
+
+class Progress:
+    """A one-line progress bar on stderr: ``\\r  12.3 MiB / 40.0 MiB  31%``."""
+
+    def __init__(self, total: int) -> None:
+        self._total = total
+        self._last = 0.0
+
+    def update(self, done: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < 0.2:  # a terminal cannot show more anyway
+            return
+        self._last = now
+        percent = done * 100 // self._total if self._total else 100
+        sys.stderr.write(f"\r  {done / MIB:.1f} MiB / {self._total / MIB:.1f} MiB  {percent}%")
+        sys.stderr.flush()
+
+    def finish(self, done: int) -> None:
+        self.update(done, force=True)
+        sys.stderr.write("\n")
+        sys.stderr.flush()
