@@ -178,7 +178,8 @@ class TrustedSet:
     def check_cached(self, data: bytes, clock: datetime) -> Release:
         """The stored release the server says is unchanged (304): it was verified when
         stored, but the clock can have made it, or the root, unacceptable since."""
-        now = self.now(clock)
+        stale = self._keys_changed(self.time_floor_keys)  # a stolen key's far-future issued
+        now = trusted_now(clock, None if stale else self.time_floor)
         check_root_fresh(self._root, now)
         release = parse_release(parse_envelope(data))
         if release.root_version != self._root.version:
