@@ -31,7 +31,8 @@ PROJECT = Path(__file__).resolve().parent.parent
 DEBIAN = PROJECT / "debian"
 POSTINST = DEBIAN / "opq-box-updater.postinst"
 CONFIG_SCRIPT = DEBIAN / "opq-box-updater.config"
-MAINTAINER_SCRIPTS = (CONFIG_SCRIPT, POSTINST, DEBIAN / "opq-box-updater.postrm")
+POSTRM = DEBIAN / "opq-box-updater.postrm"
+MAINTAINER_SCRIPTS = (CONFIG_SCRIPT, POSTINST, POSTRM)
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -73,7 +74,8 @@ def test_cron_entry() -> None:
     fields = jobs[0].split(None, 6)
     assert fields[2:5] == ["*", "*", "*"] and fields[5] == "root", "daily, as root"
     assert 0 <= int(fields[0]) < 60 and 0 <= int(fields[1]) < 24
-    assert fields[6].startswith("test -x /usr/bin/opq-box-updater && nice -n 10 ionice -c3 ")
+    assert fields[6].startswith("test -x /usr/bin/opq-box-updater && mkdir -p /var/log/opq && "
+                                "nice -n 10 ionice -c3 ")
     assert re.search(r"^PATH=.*/usr/sbin.*/usr/bin", text, re.MULTILINE)
 
 
@@ -319,11 +321,12 @@ class Debconf:
         out.write_text(text)
         return out
 
-    def run(self, path: Path, *answers: str) -> subprocess.CompletedProcess[str]:
+    def run(self, path: Path, *answers: str, action: str = "configure"
+            ) -> subprocess.CompletedProcess[str]:
         (self.stub / "answers").write_text("".join(a + "\n" for a in answers))
         (self.stub / "log").write_text("")
         env = {"PATH": f"{Path(sys.executable).parent}:{SYSTEM_PATH}", "LC_ALL": "C.UTF-8"}
-        return subprocess.run(["sh", str(self.script(path)), "configure"], capture_output=True,
+        return subprocess.run(["sh", str(self.script(path)), action], capture_output=True,
                               text=True, timeout=120, env=env, cwd=self.base, check=False)
 
     def get(self, question: str) -> str:
@@ -440,3 +443,101 @@ def test_nginx_serves_exactly_the_channel_names_the_box_accepts(
     for name in names:
         expected = 200 if CHANNEL_PATTERN.fullmatch(name) else 404
         assert _get(base + name)[0] == expected, name
+
+
+# --- a Raspberry Pi: tmpfs /var/log, linked /etc/opq, the cache on its own mount ------------
+
+
+CRON = PROJECT / "cron.d/opq-box-updater"
+
+
+def test_cron_line_starts_the_updater_when_the_log_directory_is_gone(tmp_path: Path) -> None:
+    """A tmpfs /var/log is empty after a reboot: the redirection must not stop every run."""
+    command = re.search(r"^(?:\S+\s+){5}root\s+(.+)$", CRON.read_text(), re.MULTILINE)
+    assert command
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    updater = bindir / "opq-box-updater"
+    updater.write_text(f'#!/bin/sh\necho "ran: $*"; touch {tmp_path}/ran\n')
+    updater.chmod(0o755)
+    logdir = tmp_path / "var/log/opq"
+    line = (command.group(1).replace("/usr/bin/opq-box-updater", str(updater))
+            .replace("/var/log/opq", str(logdir))
+            .replace("--random-delay 3600", "--random-delay 0"))
+    env = {"PATH": f"{bindir}:{SYSTEM_PATH}", "LC_ALL": "C.UTF-8"}
+    proc = subprocess.run(["sh", "-c", line], capture_output=True, text=True, env=env,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "ran").exists(), "the updater never started"
+    assert (logdir / "box_updater.log").read_text() == "ran: -q run --random-delay 0\n"
+
+
+def test_tmpfiles_entry_makes_the_log_directory_at_boot(tmp_path: Path) -> None:
+    tmpfiles = _require("systemd-tmpfiles")
+    entry = DEBIAN / "opq-box-updater.tmpfiles"
+    (tmp_path / "etc").mkdir()
+    for name in ("passwd", "group"):
+        shutil.copy(f"/etc/{name}", tmp_path / "etc" / name)
+    proc = subprocess.run([tmpfiles, f"--root={tmp_path}", "--create", str(entry)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    st = (tmp_path / "var/log/opq").lstat()
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o755
+    assert (st.st_uid, st.st_gid) == (0, 0)
+    st = (tmp_path / "var/log/opq/box_updater.log").lstat()
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
+    if os.geteuid() == 0:
+        assert (st.st_uid, st.st_gid) == (0, ADM_GID)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_postinst_writes_through_a_linked_config_and_keeps_its_group(tmp_path: Path) -> None:
+    debconf = Debconf(tmp_path)
+    debconf.config.parent.mkdir(parents=True)
+    target = tmp_path / "data/opq/updater_config.json"
+    target.parent.mkdir(parents=True)
+    target.write_text(json.dumps({"server_url": "https://old.example.org/", "log_level": "INFO"}))
+    os.chown(target, 0, ADM_GID)
+    target.chmod(0o640)
+    debconf.config.symlink_to(target)
+    debconf.set("server_url", GOOD_URL)
+    proc = debconf.run(POSTINST)
+    assert proc.returncode == 0, proc.stderr
+    assert debconf.config.is_symlink() and os.readlink(debconf.config) == str(target)
+    assert json.loads(target.read_text()) == {"server_url": GOOD_URL, "log_level": "INFO"}
+    st = target.lstat()
+    assert stat.S_ISREG(st.st_mode)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, ADM_GID, 0o640)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["updater_config.json"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mount needs root")
+def test_purge_tolerates_a_linked_etc_opq_and_a_mounted_cache(tmp_path: Path) -> None:
+    debconf = Debconf(tmp_path)
+    real_etc = tmp_path / "data/etc-opq"
+    (real_etc / "updater/hooks").mkdir(parents=True)
+    (real_etc / "updater/hooks/50-admin").write_text("#!/bin/sh\n")
+    (real_etc / "updater_config.json").write_text("{}")
+    debconf.config.parent.parent.mkdir(parents=True)
+    debconf.config.parent.symlink_to(real_etc)
+    cache = tmp_path / "var/cache/opq-box-updater"
+    (cache).mkdir(parents=True)
+    (tmp_path / "var/lib/opq-box-updater/rollback").mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", str(cache)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs: {mounted.stderr}")
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr}")
+    try:
+        (cache / "abc.zip").write_text("x")
+        (cache / "sub").mkdir()
+        proc = debconf.run(POSTRM, action="purge")
+        assert proc.returncode == 0, proc.stderr
+        assert os.path.ismount(cache) and list(cache.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+    assert debconf.config.parent.is_symlink()
+    assert not (real_etc / "updater_config.json").exists()
+    assert (real_etc / "updater/hooks/50-admin").exists(), "the admin's hooks are kept"
+    assert not (tmp_path / "var/lib/opq-box-updater").exists()
