@@ -204,6 +204,86 @@ def label(name: str, version: str | None) -> str:
     return f"{name}={version if version is not None else '(not installed)'}"
 
 
+# --- what a rollback must do, from the whole installed set ------------------------------
+
+#: The label of a package that had only its conffiles on the box before the update.
+CONFIG_FILES = "(config-files)"
+
+
+def encode_states(states: Mapping[str, PackageState]) -> dict[str, str]:
+    """The whole installed set as the journal keeps it, ``name -> "want flag status
+    version"``; packages dpkg records as ``not-installed`` are left out."""
+    return {name: f"{state.status} {state.version}" for name, state in states.items()
+            if state.present}
+
+
+def decode_states(encoded: Mapping[str, str]) -> dict[str, PackageState]:
+    """The inverse of :func:`encode_states`."""
+    states = {}
+    for name, text in encoded.items():
+        status, _, version = text.rpartition(" ")
+        states[name] = PackageState(version=version, status=status)
+    return states
+
+
+def _config_files_only(state: PackageState | None) -> bool:
+    return state is not None and state.status.endswith(" config-files")
+
+
+@dataclass(frozen=True)
+class RollbackSteps:
+    """What still separates the box from the set it had before the update."""
+
+    purge: tuple[str, ...] = ()  # not on the box before: purged
+    remove: tuple[str, ...] = ()  # only conffiles before: removed, never purged
+    reinstall: tuple[tuple[str, str], ...] = ()  # (name, version); the update's own first
+    lost: tuple[str, ...] = ()  # only conffiles before, purged since: cannot come back
+
+    def labels(self) -> tuple[str, ...]:
+        """``pkg=version`` of everything not restored, as ``status`` lists it."""
+        items = [label(n, None) for n in self.purge]
+        items += [f"{n}={CONFIG_FILES}" for n in (*self.remove, *self.lost)]
+        items += [label(n, v) for n, v in self.reinstall]
+        return tuple(sorted(items))
+
+
+def rollback_steps(previous: Mapping[str, str | None],
+                   before: Mapping[str, PackageState] | None,
+                   now: Mapping[str, PackageState]) -> RollbackSteps:
+    """Compare the box (``now``) with the set it had before the update.
+
+    ``before`` is the whole installed set recorded before applying; then every package that
+    appeared since is purged, one that was only ``config-files`` is removed back to that
+    state (the admin's conffiles stay), and every package whose version or state changed
+    (an upgrade of the update, a package its ``Conflicts`` removed) is reinstalled. Without
+    ``before`` (a journal written by an older updater) only the update's own packages,
+    ``previous``, are compared, as that version did."""
+    if before is None:
+        return RollbackSteps(
+            purge=tuple(sorted(n for n, v in previous.items()
+                               if v is None and differs(n, v, now))),
+            reinstall=tuple(sorted((n, v) for n, v in previous.items()
+                                   if v is not None and differs(n, v, now))))
+    purge: list[str] = []
+    remove: list[str] = []
+    lost: list[str] = []
+    changed: list[tuple[str, str]] = []
+    for name in sorted({*before, *now}):
+        old, new = before.get(name), now.get(name)
+        if old is None or not old.present:
+            if new is not None and new.present:
+                purge.append(name)
+        elif _config_files_only(old):
+            if new is None or not new.present:
+                lost.append(name)
+            elif not _config_files_only(new):
+                remove.append(name)
+        elif new != old and differs(name, old.version, now):
+            changed.append((name, old.version))
+    changed.sort(key=lambda item: (item[0] not in previous, item[0]))
+    return RollbackSteps(tuple(purge), tuple(remove), tuple(changed), tuple(lost))
+
+
 def exit_text(returncode: int) -> str:
     return f"killed by signal {-returncode}" if returncode < 0 else \
         f"exit status {returncode}"

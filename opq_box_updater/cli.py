@@ -289,7 +289,8 @@ def _status(config: Config, as_json: bool) -> int:
         ("box id", info["box_id"] or "none yet (generated on the first run)"),
     ]
     if info["unrestored_packages"]:
-        rows.append(("NOT RESTORED", ", ".join(info["unrestored_packages"])))
+        rows.append(("NOT RESTORED", "rollback incomplete: "
+                     + ", ".join(info["unrestored_packages"])))
     if info["phase"] != "idle":
         rows.append(("interrupted", f"{info['phase']} (recovered on the next run)"))
     for label, value in rows:

@@ -37,19 +37,32 @@ from .applyplan import (
     CONFFILE_OPTIONS,
     RUN_STATUS_FILE,
     Commands,
+    RollbackSteps,
     UpdatePlan,
     cache_name,
-    differs,
+    decode_states,
+    encode_states,
     error_summary,
     exit_text,
     installed_version,
     label,
+    rollback_steps,
     script_failure,
 )
 from .config import Config
 from .errors import ApplyError, DpkgBusyError, PostponedError, SubprocessError, UpdaterError
 from .faults import fault_point
-from .guard import RunStatus, not_installed, query_packages, read_status, run_recorded
+from .guard import _QUERY_FORMAT as QUERY_FORMAT
+from .guard import (
+    PackageState,
+    RunStatus,
+    not_installed,
+    parse_query,
+    query_packages,
+    read_status,
+    root_options,
+    run_recorded,
+)
 from .runner import Result, run, tail
 
 __all__ = ["APT_CONFIG_FILE", "RUN_STATUS_FILE", "Installer", "UpdatePlan", "cache_name",
@@ -156,6 +169,12 @@ class Installer:
         states = query_packages(self.root, plan.targets)
         return {name: installed_version(states.get(name)) for name in plan.targets}
 
+    def snapshot_all(self) -> dict[str, str]:
+        """Every package dpkg knows with its state and version (``encode_states``): what a
+        rollback restores, beyond the update's own packages (packages its ``Conflicts``
+        removed, what apt added, packages that had only their conffiles)."""
+        return encode_states(self._query_all())
+
     def pre_update(self, plan: UpdatePlan) -> None:
         """Run ``pre-update.d``; a non-zero exit raises :class:`PostponedError` (nothing was
         changed; the update is retried next run)."""
@@ -189,24 +208,32 @@ class Installer:
         except (SubprocessError, OSError) as exc:  # a timeout, a full disk: still an apply error
             raise ApplyError(str(exc)) from None
 
-    def rollback(self, plan: UpdatePlan, previous: Mapping[str, str | None]) -> tuple[str, ...]:
-        """Restore ``previous`` (package -> version, None: not installed): purge packages that
-        were not installed, reinstall the previous version of the others from
-        ``<state_dir>/debs/`` or apt's archive cache. The box's pre-/post-invoke hooks run;
-        the run script does not. Returns ``pkg=version`` for each package dpkg-query does not
-        show restored afterwards (each is logged by name); never raises for a failed restore.
-        """
-        # Only ``previous`` and the plan's version numbers matter: after a crash the plan may
-        # be rebuilt from the journal without its files.
+    def rollback(self, plan: UpdatePlan, previous: Mapping[str, str | None],
+                 before: Mapping[str, str] | None = None) -> tuple[str, ...]:
+        """Return the box to ``before``, the whole installed set :meth:`snapshot_all` recorded
+        (see :func:`~opq_box_updater.applyplan.rollback_steps`): purge what is new, return
+        packages that had only conffiles to ``config-files`` (``dpkg --remove``), reinstall
+        the previous version of what changed or was removed, from ``<state_dir>/debs/`` or
+        apt's archive cache. Without ``before`` (an older journal) only ``previous``
+        (package -> version, None: not installed) is restored. The box's pre-/post-invoke
+        hooks run; the run script does not. Returns a label for each package dpkg-query does
+        not show restored afterwards (each is logged by name); never raises for a failed
+        restore."""
+        # Only ``previous``, ``before`` and the plan's version numbers matter: after a crash
+        # the plan may be rebuilt from the journal without its files.
         env = self.commands.env(plan)
+        baseline = decode_states(before) if before else None
         try:
-            self._restore(previous, env, with_hooks=True)
-            if self._unrestored(previous) and self.commands.has_invoke_hooks():
+            steps = self._steps(previous, baseline)
+            self._restore(steps, env, with_hooks=True)
+            steps = self._steps(previous, baseline)
+            if steps.labels() and self.commands.has_invoke_hooks():
                 # The box's own hooks must not keep it half-updated: try once without them.
                 logger.warning("rollback incomplete with the pre-/post-invoke hooks; "
                                "retrying without them")
-                self._restore(previous, env, with_hooks=False)
-            unrestored = self._unrestored(previous)
+                self._restore(steps, env, with_hooks=False)
+                steps = self._steps(previous, baseline)
+            unrestored = steps.labels()
         except DpkgBusyError:
             raise  # the journal stays "rolling-back": the next run finishes the rollback
         except UpdaterError as exc:  # dpkg-query failed: nothing can be verified
@@ -364,13 +391,21 @@ class Installer:
 
     # --- rollback ------------------------------------------------------------------------
 
-    def _restore(self, previous: Mapping[str, str | None], env: dict[str, str], *,
+    def _query_all(self) -> dict[str, PackageState]:
+        """dpkg's record of every package it knows in the root."""
+        cmd = ["dpkg-query", *root_options(self.root), "--showformat", QUERY_FORMAT, "--show"]
+        return parse_query(run(cmd, timeout=120).output)
+
+    def _steps(self, previous: Mapping[str, str | None],
+               baseline: Mapping[str, PackageState] | None) -> RollbackSteps:
+        now = self._query_all() if baseline is not None else query_packages(self.root, previous)
+        return rollback_steps(previous, baseline, now)
+
+    def _restore(self, steps: RollbackSteps, env: dict[str, str], *,
                  with_hooks: bool) -> None:
-        """One rollback pass: purge what was new, then reinstall previous versions."""
-        states = query_packages(self.root, previous)
-        purge = sorted(n for n, v in previous.items() if v is None and differs(n, v, states))
-        reinstall = {n: v for n, v in previous.items()
-                     if v is not None and differs(n, v, states)}
+        """One rollback pass: purge what was new, remove back to ``config-files`` what had
+        only its conffiles, then reinstall previous versions."""
+        purge = list(steps.purge)
         hooks = self.commands.invoke_options(None) if with_hooks else []
         # Purge first: a new package may conflict with or break an old version. The set we
         # return to was consistent before the update, so dependencies broken on the way
@@ -379,9 +414,14 @@ class Installer:
             result = self._run_dpkg([*self.commands.dpkg(), *hooks, "--force-depends",
                                      "--force-remove-reinstreq", "--purge", *purge], env)
             _log_failure("dpkg --purge", result)
+        if steps.remove:  # never --purge: the admin's conffiles are what was there
+            result = self._run_dpkg([*self.commands.dpkg(), *hooks, "--force-depends",
+                                     "--force-remove-reinstreq", "--remove",
+                                     *steps.remove], env)
+            _log_failure("dpkg --remove", result)
         fault_point("rollback-after-purge")
         debs = []
-        for name, version in sorted(reinstall.items()):
+        for name, version in steps.reinstall:
             deb = self._find_deb(name, version)
             if deb is None:
                 logger.error("rollback: no %s %s deb in %s or %s", name, version,
@@ -392,10 +432,6 @@ class Installer:
             result = self._run_dpkg([*self.commands.dpkg(), *hooks, "--force-depends",
                                      *CONFFILE_OPTIONS, "-i", *debs], env)
             _log_failure("dpkg -i", result)
-
-    def _unrestored(self, previous: Mapping[str, str | None]) -> tuple[str, ...]:
-        states = query_packages(self.root, previous)
-        return tuple(label(n, v) for n, v in sorted(previous.items()) if differs(n, v, states))
 
     def _find_deb(self, name: str, version: str) -> Path | None:
         """A deb of exactly ``name`` ``version`` from our cache, else apt's archives; the

@@ -41,6 +41,9 @@ class Journal(NamedTuple):
     workdir: str | None = None  # extraction directory, kept until the run ends
     package_sha256: str | None = None
     channel: str | None = None  # the channel the target version belongs to
+    # Every package dpkg knew before applying, "want flag status version" (applyplan's
+    # encode_states): what the rollback returns the box to. Empty in older journals.
+    before: dict[str, str] = {}
 
 
 class ChannelState(NamedTuple):
@@ -91,7 +94,7 @@ class State(NamedTuple):
 
     def to_json(self) -> bytes:
         doc: dict[str, Any] = {"format": STATE_FORMAT, **self._asdict(),
-                               "journal": self.journal._asdict(),
+                               "journal": _journal_doc(self.journal),
                                "unrestored": list(self.unrestored)}
         doc["channels"] = {name: {**ch._asdict(), "failed_versions": list(ch.failed_versions)}
                            for name, ch in self.channels.items()}
@@ -124,6 +127,15 @@ class State(NamedTuple):
         _check_fields(journal_doc, _JOURNAL_FIELDS, "journal.")
         state = cls(**{**doc, "channels": channels, "journal": Journal(**journal_doc)})
         return state._replace(unrestored=tuple(state.unrestored))
+
+
+def _journal_doc(journal: Journal) -> dict[str, Any]:
+    """The journal as stored; an empty ``before`` is left out, so that an updater from
+    before the field (a rolled-back self-update) still reads an idle state."""
+    doc = journal._asdict()
+    if not doc["before"]:
+        del doc["before"]
+    return doc
 
 
 def _from_format_1(doc: dict[str, Any]) -> dict[str, Any]:
@@ -189,7 +201,7 @@ _CHANNEL_FIELDS: dict[str, Any] = {
 _JOURNAL_FIELDS: dict[str, Any] = {
     "phase": lambda v: v in PHASES, "target_version": _count, "previous_version": _count,
     "previous": _optional_string_map, "targets": _string_map, "workdir": _optional_str,
-    "package_sha256": _optional_str, "channel": _optional_str,
+    "package_sha256": _optional_str, "channel": _optional_str, "before": _string_map,
 }
 
 

@@ -72,6 +72,7 @@ class Transaction:
         raise :class:`ApplyError`."""
         version = plan.version
         previous = installer.snapshot(plan)
+        before = installer.snapshot_all()
         try:
             installer.pre_update(plan)
         except PostponedError as exc:
@@ -81,7 +82,7 @@ class Transaction:
         journal = Journal(phase="applying", target_version=version,
                           previous_version=plan.previous_version, previous=previous,
                           targets=targets, workdir=str(plan.workdir),
-                          package_sha256=package_sha256, channel=channel)
+                          package_sha256=package_sha256, channel=channel, before=before)
         state = self.journal(state, journal)
         fault_point("apply")
         try:
@@ -127,11 +128,14 @@ class Transaction:
             state = _with_failed(state, channel, version)
         state = self.journal(state, journal._replace(phase="rolling-back"))
         fault_point("rollback")
-        unrestored = tuple(installer.rollback(plan, journal.previous))
+        unrestored = tuple(installer.rollback(plan, journal.previous, journal.before))
         self.store.save(state._replace(unrestored=unrestored, journal=Journal()))
-        tail = f"; could not restore: {', '.join(unrestored)}" if unrestored else ""
-        raise ApplyError(f"release {version} failed and was rolled back ({why}){tail}",
-                         unrestored)
+        if unrestored:
+            logger.error("release %d: rollback incomplete, could not restore: %s", version,
+                         ", ".join(unrestored))
+            raise ApplyError(f"release {version} failed, rollback incomplete ({why}); could "
+                             f"not restore: {', '.join(unrestored)}", unrestored)
+        raise ApplyError(f"release {version} failed and was rolled back ({why})", unrestored)
 
     # --- crash recovery ----------------------------------------------------------------
 

@@ -1,0 +1,117 @@
+"""Rollback restores the box, not only the update's own packages (issue 12, item 1).
+
+Real debs, dpkg in a temporary root; each test ends with dpkg-query on the whole root.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from debs import dpkg_command, make_deb
+from test_installer import Sandbox, sandbox  # noqa: F401
+
+from opq_box_updater.applyplan import decode_states, encode_states, rollback_steps
+from opq_box_updater.errors import ApplyError
+from opq_box_updater.guard import PackageState
+from opq_box_updater.installer import UpdatePlan
+from opq_box_updater.state import State, Store
+from opq_box_updater.transaction import Transaction
+
+
+def _dpkg(box: Sandbox, *args: str) -> None:
+    subprocess.run(dpkg_command(box.root, *args), check=True, capture_output=True)
+
+
+def _apply(box: Sandbox, plan: UpdatePlan) -> tuple[ApplyError, State]:
+    """Apply ``plan`` through the journaled transaction (as a run does); it must fail."""
+    store = Store(box.config.state_dir)
+    store.ensure_dirs()
+    with pytest.raises(ApplyError) as caught:
+        Transaction(box.config, store).apply(store.load(), "version.json", plan,
+                                                 box.installer(), "0" * 64)
+    return caught.value, store.load()
+
+
+def _image_package(box: Sandbox, name: str, version: str, *,
+                   in_apt_cache: bool = True, **kwargs: object) -> Path:
+    """A package that came with the image: installed by hand, its deb (maybe) in apt's
+    archive cache, never in the updater's own cache."""
+    deb = make_deb(box.debs / "image", name, version, **kwargs)  # type: ignore[arg-type]
+    _dpkg(box, "-i", str(deb))
+    if in_apt_cache:
+        archives = box.root / "var/cache/apt/archives"
+        archives.mkdir(parents=True, exist_ok=True)
+        (archives / deb.name).write_bytes(deb.read_bytes())
+    return deb
+
+
+def _conflicting_v2(box: Sandbox) -> UpdatePlan:
+    """Release 2: a 2.0 Conflicts+Replaces the image's ``old``; its health check fails."""
+    a2 = make_deb(box.debs, "a", "2.0", files={"usr/share/a/version": "2.0"},
+                  extra_control={"Conflicts": "old", "Replaces": "old", "Provides": "old"})
+    return box.plan(2, [a2], healthcheck="exit 1")
+
+
+def test_a_package_the_update_removed_comes_back(sandbox: Sandbox) -> None:  # noqa: F811
+    sandbox.install_v1()
+    _image_package(sandbox, "old", "1.0", files={"usr/share/old/data": "old\n"})
+    assert sandbox.installed() == {"a": "1.0", "old": "1.0"}
+    error, state = _apply(sandbox, _conflicting_v2(sandbox))
+    assert "rolled back" in str(error) and "incomplete" not in str(error)
+    log = (sandbox.root / "var/log/dpkg.log").read_text()
+    assert "status not-installed old:all" in log  # the update removed it (Conflicts)
+    assert sandbox.installed() == {"a": "1.0", "old": "1.0"}
+    assert (sandbox.root / "usr/share/old/data").read_text() == "old\n"
+    assert state.unrestored == () and state.journal.phase == "idle"
+
+
+def test_a_removed_package_without_a_deb_is_listed_and_called_incomplete(
+        sandbox: Sandbox, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    sandbox.install_v1()
+    _image_package(sandbox, "old", "1.0", in_apt_cache=False)
+    plan = _conflicting_v2(sandbox)
+    installer = sandbox.installer()
+    previous, before = installer.snapshot(plan), installer.snapshot_all()
+    with pytest.raises(ApplyError):
+        installer.apply(plan)
+    assert installer.rollback(plan, previous, before) == ("old=1.0",)
+    assert sandbox.installed() == {"a": "1.0"}  # a's own rollback still happened
+
+
+def test_an_admins_config_files_survive_the_rollback(sandbox: Sandbox) -> None:  # noqa: F811
+    sandbox.install_v1()
+    conffile = {"control_files": {"conffiles": "/etc/b.conf\n"}}
+    old_b = make_deb(sandbox.debs / "image", "b", "0.9", files={"etc/b.conf": "default\n"},
+                     **conffile)  # type: ignore[arg-type]
+    _dpkg(sandbox, "-i", str(old_b))
+    (sandbox.root / "etc/b.conf").write_text("admin's edit\n")
+    _dpkg(sandbox, "--remove", "b")
+    assert sandbox.installed()["b"] == "0.9 rc"
+    new_b = make_deb(sandbox.debs, "b", "1.0", files={"etc/b.conf": "default\n"},
+                     **conffile)  # type: ignore[arg-type]
+    error, state = _apply(sandbox, sandbox.plan(2, [new_b], healthcheck="exit 1"))
+    assert "rolled back" in str(error) and state.unrestored == ()
+    installed = sandbox.installed()
+    assert installed["a"] == "1.0" and installed["b"].endswith(" rc")  # removed, not purged
+    assert (sandbox.root / "etc/b.conf").read_text() == "admin's edit\n"
+
+
+def test_states_round_trip_through_the_journal() -> None:
+    states = {"a": PackageState("1:1.0", "install ok installed"),
+              "b": PackageState("0.9", "deinstall ok config-files"),
+              "gone": PackageState("", "purge ok not-installed")}
+    assert decode_states(encode_states(states)) == {k: v for k, v in states.items()
+                                                    if k != "gone"}
+
+
+def test_steps_leave_unchanged_half_configured_packages_alone() -> None:
+    """Only what changed since the snapshot is touched: a package already broken before the
+    update is not the rollback's to fix (and is not reported)."""
+    half = PackageState("1.0", "install ok half-configured")
+    steps = rollback_steps({}, {"x": half}, {"x": half})
+    assert steps.labels() == ()
+    steps = rollback_steps({}, {"x": half}, {"x": PackageState("2.0", "install ok installed"),
+                                             "new": PackageState("1", "install ok installed")})
+    assert steps.reinstall == (("x", "1.0"),) and steps.purge == ("new",)
