@@ -428,15 +428,16 @@ def _optional_file(extract_dir: Path, key: str, name: Any) -> str | None:
 
 
 def inspect_debs(extract_dir: Path, manifest: Manifest,
-                 architectures: Collection[str]) -> tuple[DebInfo, ...]:
+                 architectures: Collection[str] | None) -> tuple[DebInfo, ...]:
     """Read Package, Version and Architecture of every .deb with python-debian, in manifest
     order; refuse one that does not parse, has an architecture outside ``architectures``
-    (see :func:`dpkg_architectures`), or repeats a package name."""
+    (see :func:`dpkg_architectures`; None, for the publisher, accepts any), or repeats a
+    package name."""
     infos: list[DebInfo] = []
     seen: dict[str, str] = {}
     for filename in manifest.debs:
-        info = _read_deb(extract_dir / filename, filename)
-        if info.architecture not in architectures:
+        info = read_deb(extract_dir / filename, filename)
+        if architectures is not None and info.architecture not in architectures:
             _refuse(f"{filename}: architecture {info.architecture!r} does not fit this box "
                     f"({', '.join(sorted(architectures))})")
         if info.package in seen:
@@ -446,7 +447,9 @@ def inspect_debs(extract_dir: Path, manifest: Manifest,
     return tuple(infos)
 
 
-def _read_deb(path: Path, filename: str) -> DebInfo:
+def read_deb(path: Path, filename: str) -> DebInfo:
+    """Package, Version and Architecture of one .deb, checked (the publisher's ``build`` uses
+    it too)."""
     control = deb_control(path, filename)
     fields = {}
     for field, pattern in (("Package", _PACKAGE_RE), ("Version", _VERSION_RE),

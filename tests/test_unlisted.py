@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from debs import make_deb
 from test_apply_e2e import OK, World, install_v1, publish_v2, world  # noqa: F401
 from test_powercut import Cut, cut_power
 
@@ -59,8 +60,8 @@ def test_the_updaters_own_files_are_not_unlisted_entries(
     assert ".opq" not in caplog.text
 
 
-def make_zip(path: Path, members: dict[str, str], manifest: dict[str, object] | None = None,
-             ) -> Path:
+def make_zip(path: Path, members: dict[str, str | bytes],
+             manifest: dict[str, object] | None = None) -> Path:
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("manifest.json", json.dumps(manifest or MANIFEST))
         for name, data in {"a_1.0_all.deb": "!<arch>\n", "update.sh": "",
@@ -85,8 +86,9 @@ def test_a_package_carrying_the_updaters_files_is_refused(tmp_path: Path, name: 
 def test_the_publisher_refuses_an_unlisted_deb(tmp_path: Path, name: str) -> None:
     with pytest.raises(UnsafePackageError, match="does not list"):
         inspect_package(make_zip(tmp_path / "p.zip", {name: "!<arch>\n"}))
-    assert inspect_package(make_zip(tmp_path / "ok.zip", {"README": "x"})).debs == (
-        "a_1.0_all.deb",)
+    real = make_deb(tmp_path / "debs", "opq-a", "1.0").read_bytes()  # boxes read its control
+    assert inspect_package(make_zip(tmp_path / "ok.zip", {"README": "x", "a_1.0_all.deb": real})
+                           ).debs == ("a_1.0_all.deb",)
 
 
 # --- end to end -------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 :func:`build_package` is deterministic: the same inputs give the same bytes, hence the same
 ``packages/<sha256>.zip`` name (fixed timestamps and modes, ``manifest.json`` first, the other
 members sorted by name). Files are streamed into the zip, so memory does not grow with their
-size. :func:`inspect_package` applies the box's rules (3.3 and the manifest) to a zip, so that
-a package boxes would refuse is refused here, before anything is signed.
+size. :func:`inspect_package` runs the box's own extraction, manifest and deb checks on a zip,
+so that a package boxes would refuse is refused here, before anything is signed.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ from ..metadata import parse_json
 from ..package import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
-    MAX_MEMBERS,
-    UPDATER_FILES,
     Manifest,
     deb_control,
+    extract_package,
+    inspect_debs,
+    load_manifest,
+    read_deb,
 )
 from .common import CHUNK, PublishError
 
@@ -37,7 +39,6 @@ from .common import CHUNK, PublishError
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~%-]{0,199}")
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 _DEB_MAGIC = b"!<arch>\n"
-_MANIFEST_KEYS = ("format", "version", "debs", "run", "healthcheck")
 
 
 def build_package(out: Path, *, version: int, debs: Sequence[Path] = (),
@@ -96,6 +97,10 @@ def _check_deb_file(path: Path) -> None:
     with path.open("rb") as handle:
         if handle.read(len(_DEB_MAGIC)) != _DEB_MAGIC:
             raise PublishError(f"{path}: not a Debian package (no ar archive header)")
+    try:
+        read_deb(path, path.name)  # the box's reading: what it cannot read, it refuses
+    except UnsafePackageError as exc:
+        raise PublishError(f"{path}: boxes would refuse it: {exc}") from None
 
 
 def _zipinfo(name: str, mode: int, size: int) -> zipfile.ZipInfo:
@@ -122,90 +127,44 @@ def _stream_member(zf: zipfile.ZipFile, name: str, path: Path, mode: int) -> Non
 # --- checking a package --------------------------------------------------------------------
 
 
-def parse_manifest(data: bytes) -> Manifest:
-    """Validate ``manifest.json`` (DESIGN 2.4); :class:`UnsafePackageError` when invalid."""
-    try:
-        doc = parse_json(data)
-    except FormatError as exc:
-        raise UnsafePackageError(f"{MANIFEST_NAME}: {exc}") from None
-    if not isinstance(doc, dict) or set(doc) != set(_MANIFEST_KEYS):
-        raise UnsafePackageError(f"{MANIFEST_NAME} must be an object with exactly the keys "
-                                 f"{', '.join(_MANIFEST_KEYS)}")
-    fmt, version, debs = doc["format"], doc["version"], doc["debs"]
-    if type(fmt) is not int or fmt != MANIFEST_FORMAT:
-        raise UnsafePackageError(f"{MANIFEST_NAME}: unknown format {fmt!r}")
-    if type(version) is not int or version < 1:
-        raise UnsafePackageError(f"{MANIFEST_NAME}: version must be a positive integer")
-    if not isinstance(debs, list) or not all(isinstance(d, str) for d in debs):
-        raise UnsafePackageError(f"{MANIFEST_NAME}: debs must be a list of file names")
-    for deb in debs:
-        if not SAFE_NAME.fullmatch(deb) or not deb.endswith(".deb"):
-            raise UnsafePackageError(f"{MANIFEST_NAME}: {deb!r} is not a .deb file name")
-    if len(set(debs)) != len(debs):
-        raise UnsafePackageError(f"{MANIFEST_NAME}: a deb is listed twice")
-    scripts: dict[str, str | None] = {}
-    for key in ("run", "healthcheck"):
-        value: Any = doc[key]
-        if value is not None and (not isinstance(value, str) or not SAFE_NAME.fullmatch(value)
-                                  or value == MANIFEST_NAME):
-            raise UnsafePackageError(f"{MANIFEST_NAME}: {key} must be a file name or null")
-        scripts[key] = value
-    if not debs and scripts["run"] is None:
-        raise UnsafePackageError(f"{MANIFEST_NAME}: a package needs debs or a run script")
-    return Manifest(fmt, version, tuple(debs), scripts["run"], scripts["healthcheck"])
+#: The box's default ``max_unpacked_bytes`` (config.py; the publisher may not import it, a
+#: test keeps the two equal): a package larger unpacked is refused by boxes left at the default.
+MAX_UNPACKED_BYTES = 2 * 1024 * 1024 * 1024
 
 
-def _check_member(info: zipfile.ZipInfo) -> None:
-    name = info.filename
-    parts = name.rstrip("/").split("/")
-    if not name or name.startswith("/") or "\\" in name or "\x00" in name or ".." in parts:
-        raise UnsafePackageError(f"unsafe member name {name!r}")
-    # The box refuses encrypted members and any method but stored/deflated (bounded
-    # decompressors), so a package using them would fail on every box.
-    if info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED,
-                                                          zipfile.ZIP_DEFLATED):
-        raise UnsafePackageError(f"member {name!r} is encrypted or not stored/deflated")
-    kind = stat.S_IFMT(info.external_attr >> 16)
-    if info.create_system == 3 and kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-        raise UnsafePackageError(f"member {name!r} is not a regular file or directory")
+def inspect_package(path: Path, *, max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> Manifest:
+    """Check a package with the box's own code and return its manifest (DESIGN 2.4, 3.3).
 
-
-def inspect_package(path: Path) -> Manifest:
-    """Check a package the way a box will (DESIGN 2.4, 3.3) and return its manifest.
-
-    Refuses (:class:`UnsafePackageError`) a file that is not a zip, more than
-    ``MAX_MEMBERS`` members, unsafe or repeated names, links and devices, a missing or
-    invalid manifest, files the manifest names but the zip lacks, a ``.deb`` it does not
-    list, and the names of the updater's own files. Only the central
-    directory and the manifest are read, so this is cheap for large packages.
+    One implementation on both sides: the zip is extracted into a temporary directory by
+    :func:`~opq_box_updater.package.extract_package`, its manifest read by
+    :func:`~opq_box_updater.package.load_manifest` and every listed deb's control read by
+    :func:`~opq_box_updater.package.inspect_debs`, exactly as a box does before applying, so a
+    package every box would refuse (exit 3, version marked failed fleet-wide) is refused here
+    with the box's message. Only the architecture is not checked: the fleet's is not known.
     """
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-            if len(infos) > MAX_MEMBERS:
-                raise UnsafePackageError(f"{len(infos)} members, more than {MAX_MEMBERS}")
-            names: set[str] = set()
-            for info in infos:
-                _check_member(info)
-                if info.filename in names:
-                    raise UnsafePackageError(f"member {info.filename!r} appears twice")
-                names.add(info.filename)
-            if MANIFEST_NAME not in names:
-                raise UnsafePackageError(f"no {MANIFEST_NAME}")
-            manifest = parse_manifest(zf.read(MANIFEST_NAME))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
-        raise UnsafePackageError(f"{path.name}: not a readable zip ({exc})") from None
-    wanted = [*manifest.debs, *(n for n in (manifest.run, manifest.healthcheck) if n)]
-    for name in wanted:
-        if name not in names:
-            raise UnsafePackageError(f"{MANIFEST_NAME} names {name!r}, which is not in the zip")
-    for name in sorted(names):
-        if name.lower().endswith(".deb") and name not in manifest.debs:
-            raise UnsafePackageError(f"{name!r} is a .deb that {MANIFEST_NAME} does not list "
-                                     "(boxes refuse such a package)")
-        if name.removeprefix("./") in UPDATER_FILES:
-            raise UnsafePackageError(f"member {name!r} is a name reserved for the updater")
+    with tempfile.TemporaryDirectory(prefix="opq-publish-check-") as tmp:
+        try:
+            workdir = extract_package(path, Path(tmp), max_unpacked_bytes=max_unpacked_bytes)
+        except FileNotFoundError:
+            raise PublishError(f"{path}: no such file") from None
+        except OSError as exc:
+            raise UnsafePackageError(f"{path.name}: not a readable zip ({exc})") from None
+        manifest = load_manifest(workdir, _declared_version(workdir))
+        if manifest.version < 1:
+            raise UnsafePackageError(f"{MANIFEST_NAME}: version must be a positive integer")
+        inspect_debs(workdir, manifest, None)
     return manifest
+
+
+def _declared_version(workdir: Path) -> int:
+    """The manifest's own version, for :func:`load_manifest` to check everything else against
+    (a box compares it with the signed release's; here the release takes it from there)."""
+    try:
+        raw = parse_json((workdir / MANIFEST_NAME).read_bytes())
+    except (OSError, FormatError):
+        return 0  # load_manifest says what is wrong with it
+    version = raw.get("version") if isinstance(raw, dict) else None
+    return version if type(version) is int else 0
 
 
 # --- dependencies ----------------------------------------------------------------------------

@@ -190,8 +190,17 @@ def _sign_release(root: Root, store: KeyStore, signed: dict[str, Any], now: date
     keys = store.signing_keys(root.role("release").keyids, root.role("release").threshold,
                               f"release v{signed['version']} (root v{root.version} release role)")
     data = envelope_bytes(signed, keys)
+    _check_size(signed["channel"], data)
     verify_release(root, data, now, Floors())  # what we write, a box accepts
     return data
+
+
+def _check_size(name: str, data: bytes) -> None:
+    """Boxes read at most METADATA_MAX_BYTES of a metadata file and refuse a longer one."""
+    if len(data) > METADATA_MAX_BYTES:
+        raise PublishError(f"{name} would be {len(data)} bytes, more than the limit of "
+                           f"{METADATA_MAX_BYTES} boxes accept (shorten --notes); nothing "
+                           "was published")
 
 
 def _check_keydir(repo: Path, keydir: Path) -> None:
@@ -335,9 +344,13 @@ def publish_release(repo: Path, keydir: Path, package_zip: Path, *,
             logger.warning("boxes that saw v%d will refuse v%d as a rollback until a release "
                            "key rotation resets their floor", current.version, manifest.version)
     store = KeyStore(keydir, passphrase)
-    # Fail on missing keys before copying anything into the repository.
-    store.signing_keys(root.role("release").keyids, root.role("release").threshold,
-                       f"release (root v{root.version} release role)")
+    # Fail on missing keys, and on a document boxes would refuse as too large, before
+    # copying anything into the repository (the size depends on the digest's length only).
+    length = package_zip.stat().st_size
+    _sign_release(root, store, release_signed(
+        version=manifest.version, root_version=root.version, channel=version_file, issued=now,
+        expires=now + expires, package=PackageRef(f"{PACKAGES_DIR}/{'0' * 64}.zip", "0" * 64,
+                                                  length), rollout=rollout, notes=notes), now)
     package = store_package(repo, package_zip)
     if inspect_package(repo / package.path) != manifest:  # what is signed is what was checked
         raise PublishError(f"{package_zip} changed while it was being published; try again")
@@ -521,6 +534,7 @@ def _resign_plan(repo: Path, root: Root, store: KeyStore,
         keys = store.signing_keys(role.keyids, role.threshold,
                                   f"{path.name} (root v{root.version} release role)", generated)
         data = envelope_bytes(signed, keys)
+        _check_size(path.name, data)
         try:
             verify_role(parse_envelope(data), root, "release", path.name)
         except FormatError as exc:  # pragma: no cover - we built the document ourselves
