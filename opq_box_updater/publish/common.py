@@ -7,15 +7,26 @@ old file or the new one, never a mix, even across a power cut.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
+import logging
+import os
 import re
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from ..errors import ConfigError
 from ..fsutil import utcnow
 
+logger = logging.getLogger(__name__)
+
 CHUNK = 1024 * 1024
+#: How long a publishing step waits for another one on the same repository (seconds).
+LOCK_WAIT = 600.0
 WARN_WITHIN = timedelta(days=7)
 DEFAULT_ROOT_EXPIRES = timedelta(days=730)
 DEFAULT_RELEASE_EXPIRES = timedelta(days=30)
@@ -65,3 +76,38 @@ def sha256_file(path: Path) -> tuple[str, int]:
 def is_within(child: Path, parent: Path) -> bool:
     """True when ``child`` is ``parent`` or below it, after resolving symlinks."""
     return child.resolve().is_relative_to(parent.resolve())
+
+
+@contextlib.contextmanager
+def repo_lock(repo: Path, wait: float | None = None) -> Iterator[None]:
+    """Hold an exclusive flock on the repository directory itself (no lock file to serve or
+    to leave behind) while a step reads the current release and replaces it: two releases,
+    or a release and the weekly refresh, must not interleave, or version.json goes back.
+    Waits up to ``wait`` (default :data:`LOCK_WAIT`) seconds for another step to finish."""
+    try:
+        fd = os.open(repo, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise PublishError(f"{repo} is not a repository (it does not exist); create one with "
+                           "opq-box-publish init") from None
+    except NotADirectoryError:
+        raise PublishError(f"{repo} is not a directory") from None
+    try:
+        deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+            if time.monotonic() >= deadline:
+                raise PublishError(f"another opq-box-publish is still working on {repo}; "
+                                   "nothing was changed, try again when it has finished")
+            if not told:
+                logger.warning("waiting for another opq-box-publish working on %s", repo)
+                told = True
+            time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -12,17 +12,18 @@ the demo with an injected ``now``. Guarantees shared by all of them:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -58,6 +59,7 @@ from .common import (
     PublishError,
     is_within,
     normalize_now,
+    repo_lock,
     sha256_file,
 )
 from .keys import KeyStore, key_id, parse_public_key, public_hex
@@ -70,6 +72,19 @@ DEFAULT_VERSION_FILE = "version.json"
 VERSION_FILE_RE = CHANNEL_PATTERN
 _ROOT_FILE_RE = re.compile(r"([1-9][0-9]*)\.root\.json")
 _ONE_SECOND = timedelta(seconds=1)
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _locked(step: Callable[Concatenate[Path, _P], _T]) -> Callable[Concatenate[Path, _P], _T]:
+    """Run a step that reads and replaces version files under :func:`.common.repo_lock`."""
+    @functools.wraps(step)
+    def locked(repo: Path, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        with repo_lock(repo.absolute()):
+            return step(repo, *args, **kwargs)
+    return locked
 
 
 # --- reading a repository ------------------------------------------------------------------
@@ -310,6 +325,7 @@ def store_package(repo: Path, package_zip: Path) -> PackageRef:
     return PackageRef(f"{PACKAGES_DIR}/{sha}.zip", sha, length)
 
 
+@_locked
 def publish_release(repo: Path, keydir: Path, package_zip: Path, *,
                     expires: timedelta = DEFAULT_RELEASE_EXPIRES, rollout: int = 100,
                     version_file: str = DEFAULT_VERSION_FILE, notes: str = "",
@@ -358,11 +374,13 @@ def publish_release(repo: Path, keydir: Path, package_zip: Path, *,
                             channel=version_file, issued=now, expires=now + expires,
                             package=package, rollout=rollout, notes=notes)
     data = _sign_release(root, store, signed, now)
+    _check_unchanged(repo, version_file, current)
     atomic_write(repo / version_file, data)
     _warn_expiry(root, now, now + expires)
     return parse_release(parse_envelope(data))
 
 
+@_locked
 def refresh_release(repo: Path, keydir: Path, *, expires: timedelta = DEFAULT_RELEASE_EXPIRES,
                     version_file: str = DEFAULT_VERSION_FILE, rollout: int | None = None,
                     passphrase: bytes | None = None, now: datetime | None = None) -> Release:
@@ -389,6 +407,7 @@ def refresh_release(repo: Path, keydir: Path, *, expires: timedelta = DEFAULT_RE
         expires=issued + expires, package=current.package,
         rollout=current.rollout_percent if rollout is None else rollout, notes=current.notes)
     data = _sign_release(root, KeyStore(keydir, passphrase), signed, now)
+    _check_unchanged(repo, version_file, current)
     atomic_write(repo / version_file, data)
     _warn_expiry(root, now, issued + expires)
     return parse_release(parse_envelope(data))
@@ -403,6 +422,20 @@ def _current_release(repo: Path, version_file: str, force: bool) -> Release | No
             return None
         raise PublishError(f"{version_file} is unreadable ({exc}); use --force to replace it"
                            ) from None
+
+
+def _check_unchanged(repo: Path, version_file: str, seen: Release | None) -> None:
+    """Just before replacing ``version_file``: it still holds the release decided on. The
+    lock keeps other publishers out; this also catches a writer that does not take it (an
+    older publisher, a copy by hand): never write a release decided against a stale one."""
+    try:
+        now_there = read_release(repo, version_file)
+    except RepositoryError:
+        now_there = None
+    if now_there != seen:
+        what = f"v{now_there.version}" if now_there else "something unreadable or nothing"
+        raise PublishError(f"{version_file} changed while this step ran (it now holds {what});"
+                           " nothing was written; run the command again")
 
 
 def _check_root_usable(root: Root, now: datetime) -> None:
@@ -424,6 +457,7 @@ class RotateResult:
     resigned: tuple[str, ...] = ()  # version files re-signed
 
 
+@_locked
 def rotate_role(repo: Path, keydir: Path, role: str, *, add: Sequence[str] = (),
                 remove: Sequence[str] = (), threshold: int | None = None,
                 expires: timedelta = DEFAULT_ROOT_EXPIRES, passphrase: bytes | None = None,
