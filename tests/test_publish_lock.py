@@ -52,9 +52,10 @@ def pause_in(monkeypatch: pytest.MonkeyPatch, name: str, meanwhile: Any) -> dict
                     meanwhile()
                 except Exception as exc:  # reported to the test
                     seen["error"] = exc
-            seen["thread"] = threading.Thread(target=other)
-            seen["thread"].start()
-            seen["thread"].join(timeout=3)  # with the lock it cannot finish: go on
+            thread = threading.Thread(target=other)
+            seen["thread"] = thread
+            thread.start()
+            thread.join(timeout=3)  # with the lock it cannot finish: go on
         return real(*args, **kwargs)
 
     monkeypatch.setattr(repo, name, slow)
