@@ -472,7 +472,7 @@ def test_passphrase_protected_keys(work: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     repo.init_repo(work / "repo", work / "keys", passphrase=b"s3cret", now=NOW)
     for pem in (work / "keys").glob("*.pem"):
-        assert pem.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        assert pem.read_bytes().startswith(b"-----BEGIN OPQ SCRYPT ED25519 PRIVATE KEY-----")
     package = make_package(work, 1)
     with pytest.raises(PublishError, match="is encrypted"):
         repo.publish_release(work / "repo", work / "keys", package, now=NOW)
@@ -481,6 +481,7 @@ def test_passphrase_protected_keys(work: Path, monkeypatch: pytest.MonkeyPatch,
     assert not (work / "repo" / "version.json").exists()
     assert not list((work / "repo" / "packages").iterdir())  # keys are checked first
     (work / "pass").write_text("s3cret\n")
+    (work / "pass").chmod(0o600)
     code, _, err = run_cli(capsys, "release", work / "repo", package, "--keys", work / "keys",
                            "--passphrase-file", work / "pass")
     assert code == 0, err
@@ -489,7 +490,7 @@ def test_passphrase_protected_keys(work: Path, monkeypatch: pytest.MonkeyPatch,
                            "--role", "release")
     assert code == 0, err
     new = [p for p in (work / "keys").glob("*.pem") if p.stat().st_mtime >= 0]
-    assert all(p.read_bytes().startswith(b"-----BEGIN ENCRYPTED") for p in new)
+    assert all(p.read_bytes().startswith(b"-----BEGIN OPQ SCRYPT") for p in new)
 
 
 def test_parse_public_key_forms(tmp_path: Path) -> None:

@@ -2,10 +2,15 @@
 
 KEYDIR layout (mode 0700)::
 
-    KEYDIR/root-<keyid[:12]>.pem       PKCS#8 PEM private key, mode 0600, encrypted when a
-    KEYDIR/root-<keyid[:12]>.pub       passphrase is set; .pub is the public key as 64
-    KEYDIR/release-<keyid[:12]>.pem    lowercase hex digits and a newline (mode 0644)
+    KEYDIR/root-<keyid[:12]>.pem       private key, mode 0600; .pub is the public key as 64
+    KEYDIR/root-<keyid[:12]>.pub       lowercase hex digits and a newline (mode 0644)
+    KEYDIR/release-<keyid[:12]>.pem
     KEYDIR/release-<keyid[:12]>.pub
+
+With a passphrase a private key is sealed with scrypt (memory-hard: 2**17 x 8, 128 MiB per
+guess) and AES-256-GCM in an ``OPQ SCRYPT ED25519 PRIVATE KEY`` PEM block (:mod:`.sealed`);
+without one it is PKCS#8 PEM in the clear, and ``init`` says so. Keys written by earlier
+versions (PKCS#8 with PBKDF2, ``BestAvailableEncryption``) still load.
 
 The ``root-``/``release-`` prefix only records what a key was generated for; which role a key
 actually holds is decided by the newest root document. Private key files are created with
@@ -31,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from ..metadata import keyid_of
 from .common import PublishError
+from .sealed import SEALED_LABEL, seal, unseal
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +66,13 @@ def read_passphrase(passphrase_file: Path | None = None) -> bytes | None:
     ``$OPQ_PUBLISH_PASSPHRASE``; ``None`` (unencrypted keys) when neither is set or empty."""
     if passphrase_file is not None:
         try:
-            raw = passphrase_file.read_bytes()
+            with passphrase_file.open("rb") as handle:
+                mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
+                if mode & 0o077:
+                    raise PublishError(
+                        f"{passphrase_file} is readable or writable by group or others (mode "
+                        f"{mode:o}): chmod 600 {passphrase_file}; the passphrase is not used")
+                raw = handle.read()
         except OSError as exc:
             raise PublishError(f"{passphrase_file}: cannot read passphrase ({exc.strerror})"
                                ) from None
@@ -86,6 +98,7 @@ class KeyStore:
     def __init__(self, keydir: Path, passphrase: bytes | None = None) -> None:
         self.keydir = keydir
         self.passphrase = passphrase
+        self._loaded: dict[Path, Ed25519PrivateKey] = {}  # one costly unsealing per key
 
     # --- creating -----------------------------------------------------------------------
 
@@ -110,11 +123,14 @@ class KeyStore:
         """Write ``key`` into KEYDIR; never overwrites and never exposes it to other users."""
         keyid = key_id(key)
         path = self.keydir / f"{label}-{keyid[:12]}.pem"
-        encryption: serialization.KeySerializationEncryption = (
-            serialization.BestAvailableEncryption(self.passphrase) if self.passphrase
-            else serialization.NoEncryption())
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                encryption)
+        if self.passphrase:
+            pem = seal(key.private_bytes(serialization.Encoding.Raw,
+                                         serialization.PrivateFormat.Raw,
+                                         serialization.NoEncryption()), self.passphrase)
+        else:
+            pem = key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
         # O_EXCL: an existing key is never replaced; 0o600 from the first instant (the umask
         # can only remove bits), fchmod in case the umask removed the owner's read bit.
         try:
@@ -185,10 +201,22 @@ class KeyStore:
         return [extra[k] if k in extra else self.private_key(k) for k in keyids if k in have]
 
     def _load(self, path: Path) -> Ed25519PrivateKey:
+        if path in self._loaded:
+            return self._loaded[path]
         mode = stat.S_IMODE(path.lstat().st_mode)
         if mode & 0o077:
             logger.warning("%s is readable by other users (mode %o): chmod 600 it", path, mode)
         data = path.read_bytes()
+        if SEALED_LABEL.encode() in data:
+            if self.passphrase is None:
+                raise PublishError(
+                    f"{path} is encrypted: set {PASSPHRASE_ENV} or pass --passphrase-file")
+            try:
+                sealed = Ed25519PrivateKey.from_private_bytes(unseal(data, self.passphrase))
+            except ValueError as exc:
+                raise PublishError(f"{path}: {exc}") from None
+            self._loaded[path] = sealed
+            return sealed
         try:
             key = serialization.load_pem_private_key(data, password=self.passphrase)
         except TypeError:
@@ -203,6 +231,7 @@ class KeyStore:
             raise PublishError(f"{path}: wrong passphrase or not a PEM private key") from None
         if not isinstance(key, Ed25519PrivateKey):
             raise PublishError(f"{path} is not an Ed25519 key")
+        self._loaded[path] = key
         return key
 
 

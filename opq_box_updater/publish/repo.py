@@ -62,7 +62,7 @@ from .common import (
     repo_lock,
     sha256_file,
 )
-from .keys import KeyStore, key_id, parse_public_key, public_hex
+from .keys import PASSPHRASE_ENV, KeyStore, key_id, parse_public_key, public_hex
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +272,10 @@ def init_repo(repo: Path, keydir: Path, *, root_keys: int = 1, root_threshold: i
         raise PublishError(f"{keydir} already holds keys; use an empty KEYDIR for a new "
                            "repository (or rotate keys in the existing one)")
     store.ensure_dir()
+    if not passphrase:
+        logger.warning("no passphrase: the private keys in %s are written unencrypted, and "
+                       "anyone who can read them can sign releases for every box; set %s or "
+                       "pass --passphrase-file", keydir, PASSPHRASE_ENV)
     roots = [store.generate("root") for _ in range(root_keys)]
     releases = [store.generate("release") for _ in range(release_keys)]
     public = {key_id(k): public_hex(k) for k in (*roots, *releases)}
