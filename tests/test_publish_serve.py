@@ -293,3 +293,53 @@ def test_request_lines_are_logged_with_control_characters_escaped(server: Server
     line = server.log.getvalue()
     assert_no_terminal_controls(line)
     assert '"GET /\\x1b[2J\\x1b]0;owned\\x07\\x9b HTTP/1.1" 404' in line, line
+
+
+# --- hostile clients and files (issue 12, item 5) ---------------------------------------------
+
+
+def test_a_fifo_in_the_repository_is_refused_without_blocking(server: Server,
+                                                              repo_dir: Path) -> None:
+    os.mkfifo(repo_dir / "packages" / "fifo.zip")
+    status, _, _ = server.request("GET", "/packages/fifo.zip")  # a timeout here: it blocked
+    assert status == 404
+    assert server.request("GET", "/version.json")[0] == 200
+
+
+def test_a_deeply_nested_report_is_a_400(server: Server, repo_dir: Path) -> None:
+    deep = b'{"box_id": "box-1", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    status, _, _ = server.request("POST", "/report", deep,
+                                  {"Content-Type": "application/json"})
+    assert status == 400
+    assert not (repo_dir / ".reports" / "box-1.json").exists()
+    brackets = json.dumps({"box_id": "box-2", "last_message": "[" * 100}).encode()
+    assert server.request("POST", "/report", brackets)[0] == 204
+    assert serve.json_depth('{"a": [1, {"b": "]]]["}], "c": "\\"["}') == 3
+
+
+def test_half_open_connections_do_not_create_unbounded_threads(server: Server) -> None:
+    server.httpd.slots = threading.BoundedSemaphore(4)
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            for _ in range(20)]
+    try:
+        refused = 0
+        for sock in idle[4:]:  # the server closes each connection over the cap at once
+            try:
+                refused += sock.recv(1) == b""
+            except ConnectionResetError:
+                refused += 1
+        assert refused == 16
+        assert threading.active_count() - before <= 4
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the slots come back as the idle handlers end
+        try:
+            if server.request("GET", "/version.json")[0] == 200:
+                break
+        except (ConnectionError, http.client.HTTPException):
+            time.sleep(0.1)
+    else:
+        pytest.fail("the server never served again after the idle connections closed")

@@ -27,6 +27,7 @@ import re
 import socket
 import stat
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,6 +45,12 @@ from .common import CHUNK, PublishError
 REPORTS_DIR = ".reports"
 REPORT_MAX_BYTES = 16 * 1024
 MAX_REPORTS = 100_000
+#: Reports nest 2 or 3 deep; deeper is refused before parsing (5000 deep used to raise an
+#: uncaught RecursionError in the request thread).
+REPORT_MAX_DEPTH = 32
+#: Connections served at once; more are closed at once, so half-open connections cannot
+#: make the server start unbounded threads (each holds one for up to ``timeout`` seconds).
+MAX_CONNECTIONS = 64
 DEFAULT_PORT = 8151
 _SAFE_BOX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -57,11 +64,30 @@ class RepoServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], repo: Path,
-                 clock: Callable[[], datetime] = utcnow, log: TextIO | None = None) -> None:
+                 clock: Callable[[], datetime] = utcnow, log: TextIO | None = None,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.repo = repo.resolve()
         self.clock = clock
         self.log = log
+        self.slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, RepoHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start a thread only when a slot is free; otherwise close the connection now."""
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 class RepoServer6(RepoServer):
@@ -162,7 +188,10 @@ class RepoHandler(BaseHTTPRequestHandler):
     def _serve_file(self, head: bool) -> None:
         target = self._resolve()
         try:
-            handle = open(target, "rb") if target else None  # noqa: SIM115 - closed below
+            # O_NONBLOCK: opening a FIFO planted in the repository must not wait for a writer
+            # (it used to block the thread forever); the type is checked right after.
+            fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC) if target else -1
+            handle = os.fdopen(fd, "rb") if fd >= 0 else None
         except OSError:
             handle = None
         if handle is None:
@@ -173,6 +202,7 @@ class RepoHandler(BaseHTTPRequestHandler):
             if not stat.S_ISREG(st.st_mode):
                 self.send_error(HTTPStatus.NOT_FOUND)
                 return
+            os.set_blocking(handle.fileno(), True)
             self._respond(handle, st, head, cast(Path, target).suffix)
 
     def _respond(self, handle: BinaryIO, st: os.stat_result, head: bool, suffix: str) -> None:
@@ -261,8 +291,9 @@ class RepoHandler(BaseHTTPRequestHandler):
             return
         body = self.rfile.read(int(raw_length))
         try:
-            report = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+            text = body.decode("utf-8")
+            report = json.loads(text) if json_depth(text) <= REPORT_MAX_DEPTH else None
+        except (UnicodeDecodeError, ValueError, RecursionError):
             report = None
         box_id = report.get("box_id") if isinstance(report, dict) else None
         if not isinstance(box_id, str) or not 0 < len(box_id) <= 256:
@@ -276,6 +307,29 @@ class RepoHandler(BaseHTTPRequestHandler):
         store_report(repo, cast(dict[str, Any], report), self.repo_server.clock(),
                      self.client_address[0])
         self._send_head(HTTPStatus.NO_CONTENT, {}, None)  # 204 carries no Content-Length
+
+
+def json_depth(text: str) -> int:
+    """How deep ``[`` and ``{`` nest in ``text``, outside strings; linear and iterative, so
+    it is safe to run on any body before :func:`json.loads` (which recurses)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 class RangeNotSatisfiableError(ValueError):
