@@ -150,7 +150,9 @@ class Commands:
                    *(f"DPkg::Post-Invoke::={line}" for line in post)]
         # --reinstall: like dpkg -i, apply a deb even at the installed version, so that dpkg
         # runs and with it the post-invoke hooks and the run script.
-        cmd = ["apt-get", "install", "--yes", "--reinstall", "--allow-downgrades",
+        # Recommends are left out: an unattended update installs only what it must.
+        cmd = ["apt-get", "install", "--yes", "--no-install-recommends", "--reinstall",
+               "--allow-downgrades",
                *(arg for opt in options for arg in ("-o", opt)), *debs]
         extra = {} if self.root == Path("/") else {
             "APT_CONFIG": str(plan.workdir / APT_CONFIG_FILE)}
@@ -373,3 +375,75 @@ def missing_dependencies(output: str) -> list[str]:
         text = need.relation + (f" ({', '.join(need.reasons)})" if need.reasons else "")
         by_owner.setdefault(need.owner, []).append(text)
     return [f"{owner} needs {', '.join(items)}" for owner, items in by_owner.items()]
+
+
+# --- what a rollback will need, known before applying --------------------------------------
+
+
+def conflicting(relations: str, states: Mapping[str, PackageState]) -> list[tuple[str, str]]:
+    """The installed packages (name, version) a deb's ``Conflicts`` field names, version
+    restrictions honoured: dpkg may remove these while applying (with ``Replaces``), so a
+    rollback would need their debs."""
+    from debian.deb822 import PkgRelation
+    from debian.debian_support import version_compare
+
+    ops = {"<<": lambda c: c < 0, "<=": lambda c: c <= 0, "=": lambda c: c == 0,
+           ">=": lambda c: c >= 0, ">>": lambda c: c > 0}
+    found = []
+    for group in PkgRelation.parse_relations(relations):
+        for rel in group:
+            version = installed_version(states.get(rel["name"]))
+            if version is None:
+                continue
+            restriction = rel.get("version")
+            if restriction is None or ops[restriction[0]](
+                    version_compare(version, restriction[1])):
+                found.append((rel["name"], version))
+    return found
+
+
+def rollback_needs(targets: Mapping[str, str], states: Mapping[str, PackageState],
+                   others: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """(name, version) of every deb a rollback of this update may have to reinstall: the
+    installed version of each package the update changes, and ``others`` (packages it may
+    remove or apt may upgrade, name -> installed version). Packages not installed before need
+    nothing: they are purged, or removed back to ``config-files``."""
+    needs = {name: version for name, version in (others or {}).items()}
+    for name, new in targets.items():
+        old = installed_version(states.get(name))
+        if old is not None and old != new:
+            needs[name] = old
+    return sorted(needs.items())
+
+
+# "Inst name [old] (new suite [arch])", "Remv name [old]" (apt-get -s, checked with apt 2.6).
+_APT_SIM = re.compile(r"(Inst|Remv) (\S+)(?: \[(\S+)\])?(?: \((\S+).*\))?.*")
+
+
+@dataclass(frozen=True)
+class AptSimulation:
+    """What ``apt-get -s install`` says the transaction will do."""
+
+    removes: dict[str, str]  # name -> installed version
+    upgrades: dict[str, str]  # name -> installed version (replaced by another)
+    new: tuple[str, ...]  # packages not installed before
+
+
+def parse_apt_simulation(output: str) -> AptSimulation:
+    removes: dict[str, str] = {}
+    upgrades: dict[str, str] = {}
+    new: list[str] = []
+    for line in output.splitlines():
+        match = _APT_SIM.fullmatch(line)
+        if not match:
+            continue
+        what, name, old, _new = match.groups()
+        name = name.split(":")[0] if ":" in name else name
+        if what == "Remv":
+            removes[name] = old or ""
+        elif old:
+            upgrades[name] = old
+        else:
+            new.append(name)
+    return AptSimulation(removes, upgrades, tuple(new))
+

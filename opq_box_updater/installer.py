@@ -24,28 +24,33 @@ import fcntl
 import glob
 import logging
 import os
-import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import debcache
 from .applyplan import (
     APT_ARCHIVES,
     APT_CONFIG_FILE,
     CACHE_DIR,
     CONFFILE_OPTIONS,
     RUN_STATUS_FILE,
+    AptSimulation,
     Commands,
     RollbackSteps,
     UpdatePlan,
     cache_name,
+    conflicting,
     decode_states,
     encode_states,
     error_summary,
     exit_text,
     installed_version,
     label,
+    parse_apt_simulation,
+    rollback_needs,
     rollback_steps,
     script_failure,
 )
@@ -175,6 +180,42 @@ class Installer:
         removed, what apt added, packages that had only their conffiles)."""
         return encode_states(self._query_all())
 
+    def prepare_rollback(self, plan: UpdatePlan, before: Mapping[str, str]) -> None:
+        """Before anything changes, make sure a rollback could be done: every deb it may need
+        (the installed version of each package the update changes; with dpkg, installed
+        packages a deb ``Conflicts`` with; with apt, what the simulated transaction upgrades)
+        is in ``<state_dir>/debs/`` and intact, copied from apt's archive cache or, with
+        ``installer: apt``, fetched with ``apt-get download``. With apt, a transaction that
+        would remove packages is refused. Raises :class:`PostponedError` otherwise."""
+        states = decode_states(before)
+        others: dict[str, str] = {}
+        if not plan.debs:
+            return
+        if self.config.installer == "apt":
+            simulation = self._simulate(plan)
+            if simulation.removes:
+                raise PostponedError(
+                    f"apt would remove {', '.join(sorted(simulation.removes))} to apply "
+                    f"release {plan.version}; the updater never lets apt remove packages")
+            others.update(simulation.upgrades)
+        else:
+            from .package import deb_control
+
+            for deb in plan.debs:
+                control = deb_control(plan.workdir / deb.filename, deb.filename)
+                others.update(conflicting(control.get("Conflicts", ""), states))
+        missing = [label(name, version)
+                   for name, version in rollback_needs(plan.targets, states, others)
+                   if self._find_deb(name, version) is None
+                   and self._download(plan, name, version) is None]
+        if missing:
+            raise PostponedError(
+                f"release {plan.version} is not applied: a rollback would need "
+                f"{', '.join(missing)}, and no intact deb of it is in "
+                f"{self.config.state_dir / CACHE_DIR} or {self.root / APT_ARCHIVES}"
+                + ("" if self.config.installer == "apt" else
+                   " (put it there, or use installer: apt to download it)"))
+
     def pre_update(self, plan: UpdatePlan) -> None:
         """Run ``pre-update.d``; a non-zero exit raises :class:`PostponedError` (nothing was
         changed; the update is retried next run)."""
@@ -251,11 +292,10 @@ class Installer:
         cache = self.config.state_dir / CACHE_DIR
         try:
             cache.mkdir(parents=True, exist_ok=True, mode=0o700)
-            for leftover in cache.glob("*.deb.tmp"):  # from a run that died while copying
-                leftover.unlink(missing_ok=True)
+            debcache.clean_leftovers(cache)
             for deb in plan.debs:
                 name = cache_name(deb.package, deb.version, deb.architecture)
-                _copy_atomically(plan.workdir / deb.filename, cache / name)
+                debcache.store(plan.workdir / deb.filename, cache / name)
                 self._prune(cache, deb.package, keep=name)
         except OSError as exc:
             logger.error("cannot keep the applied debs in %s for rollbacks: %s", cache, exc)
@@ -434,17 +474,41 @@ class Installer:
             _log_failure("dpkg -i", result)
 
     def _find_deb(self, name: str, version: str) -> Path | None:
-        """A deb of exactly ``name`` ``version`` from our cache, else apt's archives; the
-        file's own control fields are checked, not just its name."""
-        forms = dict.fromkeys([version.replace(":", "%3a"), version, version.partition(":")[2]
-                               if ":" in version else version])
-        for directory in (self.config.state_dir / CACHE_DIR, self.root / APT_ARCHIVES):
-            for form in forms:
-                pattern = f"{glob.escape(name)}_{glob.escape(form)}_*.deb"
-                for path in sorted(directory.glob(pattern)):
-                    if _deb_identity(path) == (name, version):
-                        return path
-        return None
+        """An intact deb of exactly ``name`` ``version`` (its own control fields checked, not
+        just its name) from our cache, else from apt's archives (then copied into ours)."""
+        return debcache.find(self.config.state_dir / CACHE_DIR, [self.root / APT_ARCHIVES],
+                             name, version)
+
+    def _apt_env(self, plan: UpdatePlan) -> dict[str, str]:
+        if self.root == Path("/"):
+            return self.commands.env(plan)
+        self._write_apt_sandbox(plan)
+        return self.commands.env(plan, {"APT_CONFIG": str(plan.workdir / APT_CONFIG_FILE)})
+
+    def _simulate(self, plan: UpdatePlan) -> AptSimulation:
+        """``apt-get -s`` of the install command: what apt would remove, upgrade, add."""
+        cmd, _ = self.commands.install_command(plan)
+        result = run([cmd[0], "-s", *cmd[1:]], env=self._apt_env(plan), timeout=self.timeout,
+                     check=False)
+        if result.returncode != 0:
+            raise PostponedError(f"apt-get cannot plan release {plan.version}: "
+                                 f"{error_summary(result.output, 'apt-get')}")
+        return parse_apt_simulation(result.output)
+
+    def _download(self, plan: UpdatePlan, name: str, version: str) -> Path | None:
+        """With ``installer: apt``, ``apt-get download name=version`` into our cache."""
+        if self.config.installer != "apt":
+            return None
+        cache = self.config.state_dir / CACHE_DIR
+        with tempfile.TemporaryDirectory(dir=self.config.state_dir) as tmp:
+            result = run(["apt-get", "download", f"{name}={version}"],
+                         env=self._apt_env(plan), cwd=Path(tmp), timeout=self.timeout,
+                         check=False)
+            if result.returncode != 0:
+                logger.warning("apt-get download %s=%s failed: %s", name, version,
+                               tail(result.output, 1))
+                return None
+            return debcache.find(cache, [Path(tmp)], name, version)
 
     def _prune(self, cache: Path, package: str, *, keep: str) -> None:
         others = [p for p in cache.glob(f"{glob.escape(package)}_*.deb")
@@ -452,7 +516,7 @@ class Installer:
         others.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
         for old in others[KEEP_OTHER_VERSIONS:]:
             logger.info("removing %s from the rollback cache", old.name)
-            old.unlink(missing_ok=True)
+            debcache.remove(old)
 
 
 # --- small helpers ----------------------------------------------------------------------
@@ -467,21 +531,3 @@ def _log_failure(what: str, result: Result) -> None:
     if result.returncode:
         logger.warning("rollback: %s failed (%s):\n%s", what,
                        exit_text(result.returncode), tail(result.output))
-
-
-def _deb_identity(path: Path) -> tuple[str, str] | None:
-    result = run(["dpkg-deb", "--show", "--showformat=${Package}\t${Version}\n", path],
-                 check=False, timeout=120)
-    name, _, version = result.output.partition("\n")[0].partition("\t")
-    return (name, version) if result.returncode == 0 else None
-
-
-def _copy_atomically(src: Path, dest: Path) -> None:
-    """Copy ``src`` to ``dest`` via a fsynced temp file and a rename; mtime is now."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    with src.open("rb") as fin, tmp.open("wb") as fout:
-        shutil.copyfileobj(fin, fout)
-        fout.flush()
-        os.fsync(fout.fileno())
-    os.replace(tmp, dest)
-    os.utime(dest)

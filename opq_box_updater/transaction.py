@@ -74,6 +74,7 @@ class Transaction:
         previous = installer.snapshot(plan)
         before = installer.snapshot_all()
         try:
+            installer.prepare_rollback(plan, before)  # know we can go back before changing
             installer.pre_update(plan)
         except PostponedError as exc:
             self.journal(state, Journal())

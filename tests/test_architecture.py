@@ -20,7 +20,7 @@ LEVELS: dict[str, int] = {
     "errors": 0, "faults": 0, "fsutil": 0, "deadline": 0,
     "metadata": 1, "runner": 1, "partfile": 1,
     "trust": 2, "config": 2, "state": 2, "package": 2, "guard": 2,
-    "applyplan": 3, "httpcheck": 3,
+    "applyplan": 3, "httpcheck": 3, "debcache": 3,
     "installer": 4, "fetcher": 4,
     "transaction": 5,
     "updater": 6,

@@ -177,7 +177,7 @@ def test_two_debs_run_script_and_every_hook_in_order(sandbox: Sandbox) -> None:
         "pre-update", "pre-invoke", "postinst a 2.0", "postinst b 1.0",
         f"run 2 {plan.workdir}", "post-invoke", "healthcheck", "health", "post-update"]
     assert read_status(plan.status_file) == RunStatus("finished", 0, "")
-    assert sorted(p.name for p in (sandbox.config.state_dir / "debs").iterdir()) == [
+    assert sorted(p.name for p in (sandbox.config.state_dir / "debs").glob("*.deb")) == [
         "a_1.0_all.deb", "a_2.0_all.deb", "b_1.0_all.deb"]
 
 
@@ -358,7 +358,8 @@ def test_cache_keeps_the_applied_and_the_previous_version(sandbox: Sandbox) -> N
         installer.apply(plan)
         installer.cache_debs(plan)
     cache = sandbox.config.state_dir / "debs"
-    assert sorted(p.name for p in cache.iterdir()) == ["a_2.0_all.deb", "a_3.0_all.deb"]
+    assert sorted(p.name for p in cache.iterdir()) == [  # each deb with its sha256
+        "a_2.0_all.deb", "a_2.0_all.deb.sha256", "a_3.0_all.deb", "a_3.0_all.deb.sha256"]
     assert cache_name("a", "1:2.0", "all") == "a_1%3a2.0_all.deb"
 
 

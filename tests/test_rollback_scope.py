@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from debs import dpkg_command, make_deb
+from debs import dpkg_command, make_deb, require_tool
 from test_installer import Sandbox, sandbox  # noqa: F401
 
 from opq_box_updater.applyplan import decode_states, encode_states, rollback_steps
@@ -30,7 +30,7 @@ def _apply(box: Sandbox, plan: UpdatePlan) -> tuple[ApplyError, State]:
     store.ensure_dirs()
     with pytest.raises(ApplyError) as caught:
         Transaction(box.config, store).apply(store.load(), "version.json", plan,
-                                                 box.installer(), "0" * 64)
+                                             box.installer(), "0" * 64)
     return caught.value, store.load()
 
 
@@ -115,3 +115,76 @@ def test_steps_leave_unchanged_half_configured_packages_alone() -> None:
     steps = rollback_steps({}, {"x": half}, {"x": PackageState("2.0", "install ok installed"),
                                              "new": PackageState("1", "install ok installed")})
     assert steps.reinstall == (("x", "1.0"),) and steps.purge == ("new",)
+
+
+# --- know before applying that you can go back --------------------------------------------
+
+
+def _postponed(box: Sandbox, plan: UpdatePlan) -> str:
+    """Apply ``plan`` through the transaction: it must be postponed with nothing changed."""
+    store = Store(box.config.state_dir)
+    store.ensure_dirs()
+    installed = box.installed()
+    applied = Transaction(box.config, store).apply(store.load(), "version.json", plan,
+                                                   box.installer(), "0" * 64)
+    assert applied.result == "postponed"
+    assert box.installed() == installed
+    state = store.load()
+    assert state.journal.phase == "idle" and state.channel("version.json").failed_versions == ()
+    return applied.message
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "flipped"])
+def test_no_intact_deb_to_go_back_to_postpones(sandbox: Sandbox,  # noqa: F811
+                                               damage: str) -> None:
+    sandbox.install_v1()
+    cached = sandbox.config.state_dir / "debs" / "a_1.0_all.deb"
+    data = cached.read_bytes()
+    if damage == "missing":
+        cached.unlink()
+    elif damage == "truncated":
+        cached.write_bytes(data[: len(data) - 40])
+    else:
+        cached.write_bytes(data[:-10] + bytes([data[-10] ^ 1]) + data[-9:])
+    sandbox.logging_hooks()
+    message = _postponed(sandbox, sandbox.plan(2, [sandbox.deb("a", "2.0")]))
+    assert "a rollback would need a=1.0" in message
+    assert sandbox.lines() == []  # not even pre-update.d ran
+
+
+def test_a_package_the_update_would_remove_needs_its_deb(sandbox: Sandbox) -> None:  # noqa: F811
+    sandbox.install_v1()
+    _image_package(sandbox, "old", "1.0", in_apt_cache=False)
+    message = _postponed(sandbox, _conflicting_v2(sandbox))
+    assert "a rollback would need old=1.0" in message
+
+
+def test_a_legacy_cached_deb_without_sha256_is_checked_whole(sandbox: Sandbox) -> None:  # noqa: F811
+    sandbox.install_v1()
+    cache = sandbox.config.state_dir / "debs"
+    (cache / "a_1.0_all.deb.sha256").unlink()
+    cached = cache / "a_1.0_all.deb"
+    cached.write_bytes(cached.read_bytes()[:-40])  # truncated: its control part still reads
+    assert "a rollback would need a=1.0" in _postponed(
+        sandbox, sandbox.plan(2, [sandbox.deb("a", "2.0")]))
+
+
+def test_a_deb_lost_after_the_check_makes_the_rollback_incomplete(sandbox: Sandbox) -> None:  # noqa: F811
+    sandbox.install_v1()
+    cache = sandbox.config.state_dir / "debs"
+    plan = sandbox.plan(2, [sandbox.deb("a", "2.0")], healthcheck=f"rm -f {cache}/a_1.0*; exit 1")
+    error, state = _apply(sandbox, plan)
+    assert "rollback incomplete" in str(error) and "rolled back" not in str(error)
+    assert state.unrestored == ("a=1.0",)
+    assert 2 in state.channel("version.json").failed_versions
+
+
+def test_apt_refuses_a_transaction_that_removes_packages(sandbox: Sandbox) -> None:  # noqa: F811
+    require_tool("apt-get")
+    sandbox.config = sandbox.config._replace(installer="apt")
+    sandbox.install_v1()
+    _image_package(sandbox, "old", "1.0")
+    message = _postponed(sandbox, _conflicting_v2(sandbox))
+    assert "apt would remove old" in message
+    plan = sandbox.plan(3, [sandbox.deb("a", "3.0")])
+    assert "--no-install-recommends" in sandbox.installer().describe(plan)[1]
