@@ -290,11 +290,13 @@ def test_every_log_line_has_a_timestamp_multi_line_messages_included(tmp_path: P
     from opq_box_updater.cli import add_log_file, logger
 
     log = tmp_path / "log/box_updater.log"
-    before = list(logger.handlers)
+    before, level = list(logger.handlers), logger.level
+    logger.setLevel("INFO")  # other in-process tests may leave the shared logger quieter
     try:
         add_log_file(log)
         logger.info("dry run: would install release 3\n  debs: a_1_all.deb\n  run script: u.sh")
     finally:
+        logger.setLevel(level)
         for handler in logger.handlers[len(before):]:
             logger.removeHandler(handler)
             handler.close()
