@@ -21,7 +21,7 @@ from pathlib import Path
 from .config import Config
 from .guard import PackageState, RunStatus, dpkg_root_env, not_installed, root_options
 from .package import APT_CONFIG_FILE, RUN_STATUS_FILE, DebInfo, Manifest
-from .runner import system_env, tail
+from .runner import child_env, tail
 
 CACHE_DIR = "debs"
 APT_ARCHIVES = Path("var/cache/apt/archives")
@@ -115,8 +115,9 @@ class Commands:
         assert plan.run_script is not None
         expect = [arg for name, version in plan.targets.items()
                   for arg in ("--expect", f"{name}={version}")]
-        # -P: never import from dpkg's cwd; the module path is a contract (see guard.py).
-        return shlex.join([sys.executable, "-P", "-m", "opq_box_updater.guard",
+        # -I: isolated (no PYTHON* variables, no user site, never import from dpkg's cwd);
+        # the module path is a contract (see guard.py).
+        return shlex.join([sys.executable, "-I", "-m", "opq_box_updater.guard",
                            "--dpkg-root", str(self.root), "--status-file", str(plan.status_file),
                            "--workdir", str(plan.workdir), *expect,
                            "--timeout", str(self.script_timeout), "--", str(plan.run_script)])
@@ -178,9 +179,12 @@ class Commands:
                 "DPKG_ROOT": dpkg_root_env(self.root)}
 
     def env(self, plan: UpdatePlan, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        env = system_env({**self.opq_env(plan), **(extra or {})})
-        env.setdefault("DEBIAN_FRONTEND", "noninteractive")
-        return env
+        """The whole environment of dpkg, apt and every hook and script of ``plan``: the
+        runner's minimal one, the ``OPQ_*`` variables and ``DPKG_ROOT`` (DESIGN 3.2), and the
+        updater's own ``DEBIAN_FRONTEND`` (and ``APT_CONFIG`` in ``extra`` for a sandboxed
+        apt): an inherited value of either never wins."""
+        return child_env({**self.opq_env(plan), "DEBIAN_FRONTEND": "noninteractive",
+                          **(extra or {})})
 
 
 # --- reading dpkg's answers --------------------------------------------------------------

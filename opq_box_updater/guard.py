@@ -3,13 +3,18 @@
 dpkg runs ``--post-invoke`` hooks even after a failed install, so the package's run script is
 never handed to dpkg bare (DESIGN 3.2). dpkg runs this module as a hook instead::
 
-    python3 -P -m opq_box_updater.guard --dpkg-root R --status-file F --workdir W \\
+    python3 -I -m opq_box_updater.guard --dpkg-root R --status-file F --workdir W \\
         [--expect PKG=VERSION ...] [--timeout S] SCRIPT
 
 It asks dpkg-query whether every ``--expect`` package is ``install ok installed`` at exactly
 that version. Only then does it run SCRIPT (directly, so its shebang picks the interpreter;
 cwd W; ``DPKG_ROOT`` set as for every other hook), recording ``started`` and then ``finished``
-with the exit status in F, and exits with the script's status so that dpkg fails too.
+with the exit status in F (each write durable: file and directory fsynced, so recovery never
+runs a script again that had started before a power cut), and exits with the script's status
+so that dpkg fails too. The script gets the runner's minimal environment plus the ``OPQ_*``
+variables dpkg passed on from the updater and ``DPKG_ROOT``; it runs in its own session, and
+a SIGTERM to the guard (the updater's timeout stopping dpkg's session) stops the script's
+session too before the guard exits.
 Otherwise it records ``skipped`` and exits 0: dpkg's own failure is what fails the apply.
 
 The command line is a contract between versions: an update that upgrades opq-box-updater
@@ -25,13 +30,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SubprocessError
-from .runner import run, system_env
+from .fsutil import fsync_dir
+from .runner import GRACE_SECONDS, child_env, run
+
+#: The variables of DESIGN 3.2 the guard passes on to the run script from its environment.
+OPQ_VARS = ("OPQ_UPDATE_VERSION", "OPQ_PREVIOUS_VERSION", "OPQ_UPDATE_DIR")
 
 #: Prefix of each dpkg-query line we print, so that its "no packages found" lines on stderr
 #: (folded into the output by the runner) can never be mistaken for data.
@@ -127,8 +137,9 @@ class RunStatus:
 
 
 def write_status(path: Path, status: RunStatus) -> None:
-    """Write ``status`` atomically (temp file, fsync, rename): a crash leaves the old or the
-    new status, never a torn one."""
+    """Write ``status`` atomically and durably (temp file, fsync, rename, fsync of the
+    directory): a crash leaves the old or the new status, never a torn one, and a status
+    written before the power went is still there afterwards."""
     tmp = path.with_name(path.name + ".tmp")
     data = json.dumps({"state": status.state, "returncode": status.returncode,
                        "detail": status.detail}).encode()
@@ -139,6 +150,7 @@ def write_status(path: Path, status: RunStatus) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def read_status(path: Path) -> RunStatus | None:
@@ -158,10 +170,14 @@ def run_recorded(script: Path, *, workdir: Path, dpkg_root: Path, status_file: P
     """Run ``script`` with cwd ``workdir``, recording ``started`` before and ``finished``
     after in ``status_file``; its output is returned in ``detail`` (the tail)."""
     write_status(status_file, RunStatus("started"))
-    env = system_env({**(extra_env or {}), "DPKG_ROOT": dpkg_root_env(dpkg_root)})
+    env = child_env({**(extra_env or {}), "DPKG_ROOT": dpkg_root_env(dpkg_root)})
     try:
-        result = run([script], cwd=workdir, env=env, timeout=timeout, check=False)
-        status = RunStatus("finished", result.returncode, result.output[-4000:])
+        # Half the runner's grace: when the updater stops dpkg's session, the guard must
+        # have killed the script before the updater's own SIGKILL reaches the guard.
+        result = run([script], cwd=workdir, env=env, timeout=timeout, check=False,
+                     grace=GRACE_SECONDS / 2)
+        left = "".join(f"opq-box-updater guard: left running: {p}\n" for p in result.leftovers)
+        status = RunStatus("finished", result.returncode, (result.output + left)[-4000:])
     except SubprocessError as exc:  # cannot exec (shebang, mode) or timed out
         status = RunStatus("finished", None, f"{exc}\n{exc.output_tail}")
     write_status(status_file, status)
@@ -188,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("script", type=Path)
     args = parser.parse_args(argv)
+    # The updater's timeout stops dpkg's session with SIGTERM: exit through the runner, which
+    # then stops the run script's own session as well.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     expected = _expectations(args.expect)
     try:
         reasons = not_installed(expected, query_packages(args.dpkg_root, expected))
@@ -200,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(f"opq-box-updater guard: running {args.script}", flush=True)
     status = run_recorded(args.script, workdir=args.workdir, dpkg_root=args.dpkg_root,
-                          status_file=args.status_file, timeout=args.timeout)
+                          status_file=args.status_file, timeout=args.timeout,
+                          extra_env={k: os.environ[k] for k in OPQ_VARS if k in os.environ})
     # The script's output goes to dpkg's output, which the updater logs.
     sys.stdout.write(status.detail)
     if status.succeeded:

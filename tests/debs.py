@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from opq_box_updater.runner import system_env
+from opq_box_updater.runner import child_env
 
 MAINTAINER_SCRIPTS = frozenset({"preinst", "postinst", "prerm", "postrm", "config"})
 
 
 def require_tool(name: str) -> str:
     """The path of program ``name``: fail the test if it is missing under CI, else skip it."""
-    path = shutil.which(name, path=system_env()["PATH"])
+    path = shutil.which(name, path=child_env()["PATH"])
     if path is None:
         message = f"{name} is not installed (apt-get install dpkg-dev)"
         if os.environ.get("CI"):
@@ -139,7 +139,7 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 def _run(cmd: Sequence[str]) -> str:
     """Run a helper command; on failure raise with its output so the test says why."""
-    proc = subprocess.run(cmd, env=system_env(), stdout=subprocess.PIPE,
+    proc = subprocess.run(cmd, env=child_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}")

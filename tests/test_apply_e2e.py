@@ -429,8 +429,8 @@ SITE = "usr/lib/python3/dist-packages"
 #: Instrumentation added to the copied guard: it records which updater version it belongs to.
 GUARD_MARK = '''    args = parser.parse_args(argv)
     from . import __version__ as _selftest_version
-    if os.environ.get("OPQ_SELFTEST_GUARD_LOG"):
-        with open(os.environ["OPQ_SELFTEST_GUARD_LOG"], "a") as _log:
+    if os.environ.get("OPQ_TEST_GUARD_LOG"):
+        with open(os.environ["OPQ_TEST_GUARD_LOG"], "a") as _log:
             _log.write(_selftest_version + "\\n")
 '''
 
@@ -456,28 +456,40 @@ def updater_deb(out_dir: Path, version: str) -> Path:
     return make_deb(out_dir, "opq-box-updater", version, files=files)
 
 
+def _python_seeing(venv: Path, site: Path) -> str:
+    """A Python (a venv over the system's packages) whose path has ``site`` before the
+    system's own: found by ``python3 -I`` too, unlike ``PYTHONPATH``."""
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", "--without-pip",
+                    str(venv)], check=True, capture_output=True)
+    (lib,) = venv.glob("lib/python3*/site-packages")
+    (lib / "box-root.pth").write_text(f"{site}\n")
+    return str(venv / "bin" / "python3")
+
+
 def test_self_update_replaces_the_running_updater_and_the_next_run_uses_it(
         world: World) -> None:
     """An update carrying a newer ``opq-box-updater`` deb replaces the very files the running
     updater was loaded from. The box here runs the updater from the copy dpkg installed in its
-    root (``PYTHONPATH``); the guard that dpkg starts after the unpack, the run script and the
-    next run must all be the new code. (``test_debian_install.py`` does the same with the real
-    Debian package in an mmdebstrap root.)"""
+    root, through a Python whose own path leads there (as /usr/bin/python3 finds
+    dist-packages on a box: children get no ``PYTHONPATH``); the guard that dpkg starts after
+    the unpack, the run script and the next run must all be the new code.
+    (``test_debian_install.py`` does the same with the real Debian package in an mmdebstrap
+    root.)"""
     w = world
     guard_log = w.tmp / "guard.log"
-    env = {"PYTHONPATH": str(w.box.dpkg_root / SITE), "PYTHONDONTWRITEBYTECODE": "1",
-           "OPQ_SELFTEST_GUARD_LOG": str(guard_log)}
+    box_py = _python_seeing(w.tmp / "box-python", w.box.dpkg_root / SITE)
+    env = {"PYTHONDONTWRITEBYTECODE": "1", "OPQ_TEST_GUARD_LOG": str(guard_log)}
     workdir = w.tmp / "elsewhere"  # not the source tree: ``-m`` puts the cwd on sys.path
     workdir.mkdir()
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [PY, "-m", "opq_box_updater.cli", "--config", str(w.box.config_path), *args],
+            [box_py, "-m", "opq_box_updater.cli", "--config", str(w.box.config_path), *args],
             capture_output=True, text=True, timeout=300, cwd=workdir, env={**os.environ, **env})
 
     def loaded_from() -> str:
         return subprocess.run(
-            [PY, "-c", "import opq_box_updater as m; print(m.__file__, m.__version__)"],
+            [box_py, "-c", "import opq_box_updater as m; print(m.__file__, m.__version__)"],
             capture_output=True, text=True, check=True, cwd=workdir,
             env={**os.environ, **env}).stdout.strip()
 
@@ -493,7 +505,7 @@ def test_self_update_replaces_the_running_updater_and_the_next_run_uses_it(
         "1.0.0+selftest1"
     assert cli("--version").stdout.strip() == "opq-box-updater 1.0.0+selftest1"
 
-    probe = f"{PY} -c 'import opq_box_updater as m; print(m.__version__)'"
+    probe = f"{box_py} -c 'import opq_box_updater as m; print(m.__version__)'"
     w.publish(2, [updater_deb(w.built, "2.0.0+selftest2")], run=f'echo "run $({probe})"',
               healthcheck=f'echo "health $({probe})"')
     proc = cli("run")

@@ -1,0 +1,146 @@
+"""The one subprocess wrapper (issue 12, items 2 and 3): children run in their own session,
+a timeout stops the whole session (SIGTERM, grace, SIGKILL), a background daemon cannot turn
+a finished step into a timeout, and children get a minimal environment.
+
+No assertion on wall-clock durations beyond "well before the background sleep would end".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from opq_box_updater import runner
+from opq_box_updater.errors import SubprocessError
+
+#: What must never reach a child, set in the updater's own environment.
+HOSTILE = {"BASH_ENV": "/tmp/evil", "PYTHONPATH": "/tmp/evil", "PYTHONSTARTUP": "/tmp/evil",
+           "LD_PRELOAD": "/tmp/evil.so", "OPQ_BOX_UPDATER_FAULT": "apply",
+           "DPKG_FRONTEND_LOCKED": "1", "DEBIAN_FRONTEND": "readline",
+           "APT_CONFIG": "/tmp/evil.conf", "PATH": "/tmp/evil-bin:/usr/bin:/bin"}
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rfind(")") + 2] != "Z"
+
+
+def _wait_gone(pid: int, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def pids() -> Iterator[list[int]]:
+    """Pids a test started indirectly; killed afterwards whatever happened."""
+    started: list[int] = []
+    yield started
+    for pid in started:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_each_child_leads_its_own_session() -> None:
+    out = runner.run([sys.executable, "-c",
+                      "import os; print(os.getsid(0) == os.getpid() == os.getpgid(0))"])
+    assert out.output.strip() == "True"
+
+
+def test_a_background_daemon_does_not_turn_success_into_a_timeout(
+        tmp_path: Path, pids: list[int], caplog: pytest.LogCaptureFixture) -> None:
+    """A postinst or run script that starts ``sleep 40 &`` keeps the output open; the step
+    ends when the script exits, and the daemon is reported, not killed."""
+    pidfile = tmp_path / "daemon.pid"
+    caplog.set_level(logging.WARNING, logger="opq_box_updater.runner")
+    started = time.monotonic()
+    result = runner.run(["sh", "-c", f"echo before; sleep 40 & echo $! > {pidfile}; "
+                                     "echo after"], timeout=30)
+    pids.append(int(pidfile.read_text()))
+    assert time.monotonic() - started < 30  # the sleep would hold a pipe for 40s
+    assert result.returncode == 0
+    assert result.output.splitlines() == ["before", "after"]
+    assert _alive(pids[0])  # a daemon is allowed to keep running
+    assert [line.split()[:2] for line in result.leftovers] == [[str(pids[0]), "sleep"]]
+    assert f"left processes running: {pids[0]} sleep 40" in caplog.text
+
+
+def test_a_timeout_stops_the_whole_session(tmp_path: Path, pids: list[int]) -> None:
+    """A hung hook and what it started are gone after the timeout, not re-parented to init."""
+    pidfile = tmp_path / "child.pid"
+    with pytest.raises(SubprocessError, match="sh timed out after 1s") as info:
+        runner.run(["sh", "-c", f"sleep 300 & echo $! > {pidfile}; echo waiting; wait"],
+                   timeout=1, grace=5)
+    pids.append(int(pidfile.read_text()))
+    assert _wait_gone(pids[0])
+    assert info.value.returncode is None
+    assert info.value.output_tail == "waiting"
+
+
+def test_what_ignores_sigterm_is_killed_after_the_grace_period_and_logged(
+        tmp_path: Path, pids: list[int], caplog: pytest.LogCaptureFixture) -> None:
+    pidfile = tmp_path / "child.pid"
+    script = (f"trap '' TERM; {sys.executable} -c 'import time; time.sleep(300)' & "
+              f"echo $! > {pidfile}; wait")
+    caplog.set_level(logging.WARNING, logger="opq_box_updater.runner")
+    with pytest.raises(SubprocessError, match="still alive after SIGTERM and killed") as info:
+        runner.run(["sh", "-c", script], timeout=1, grace=0.5)
+    pids.append(int(pidfile.read_text()))
+    assert _wait_gone(pids[0])
+    assert f"{pids[0]} {sys.executable} -c import time" in str(info.value)
+    assert "still alive 0s after SIGTERM, killing" in caplog.text
+
+
+def test_an_interrupted_wait_takes_the_children_along(tmp_path: Path, pids: list[int]) -> None:
+    """The guard turns SIGTERM from the updater's timeout into an exception while it waits
+    for the run script: the run script's session must go too."""
+    pidfile = tmp_path / "child.pid"
+    code = ("import signal, sys\n"
+            "from opq_box_updater import runner\n"
+            "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\n"
+            f"runner.run(['sh', '-c', 'sleep 300 & echo $! > {pidfile}; wait'], grace=2)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 30
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    pids.append(int(pidfile.read_text()))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    assert _wait_gone(pids[0])
+
+
+def test_children_get_a_minimal_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in HOSTILE.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OPQ_TEST_POWERCUT", "/tmp/marker")
+    out = runner.run(["env"]).output
+    env = dict(line.split("=", 1) for line in out.splitlines())
+    assert env == {"PATH": runner.SYSTEM_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+                   "OPQ_TEST_POWERCUT": "/tmp/marker"}
+
+
+def test_output_is_read_to_its_end_bounded() -> None:
+    out = runner.run(["sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x; echo; echo end"])
+    assert len(out.output) == runner.MAX_OUTPUT_BYTES
+    assert out.output.endswith("x\nend\n")
+
+
+def test_a_missing_program_is_a_subprocess_error(tmp_path: Path) -> None:
+    with pytest.raises(SubprocessError, match="cannot run"):
+        runner.run([tmp_path / "nope"])
