@@ -10,6 +10,7 @@ recovers. Nothing here starts a process or writes a file, so all of it is tested
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -19,11 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
+from .fsutil import unsafe_dir_reason, unsafe_file_reason
 from .guard import PackageState, RunStatus, dpkg_root_env, not_installed, root_options
 from .package import APT_CONFIG_FILE, RUN_STATUS_FILE, DebInfo, Manifest
 from .runner import child_env, tail
 
+logger = logging.getLogger(__name__)
+
 CACHE_DIR = "debs"
+HOOK_DIRS = ("pre-update.d", "pre-invoke.d", "post-invoke.d", "health.d", "post-update.d")
+#: The names run-parts runs (Debian's default, no --lsbsysinit); others it ignores.
+_RUN_PARTS_NAME = re.compile(r"[A-Za-z0-9_-]+")
 APT_ARCHIVES = Path("var/cache/apt/archives")
 # An unattended run has no terminal: keep the admin's conffiles instead of failing at the
 # prompt (what unattended-upgrades does too).
@@ -78,11 +85,47 @@ class Commands:
                 f"--log={self.root / 'var/log/dpkg.log'}", *not_root]
 
     def hook(self, name: str, *, exit_on_error: bool = True) -> list[str] | None:
-        """``run-parts`` for one hook directory, None when it does not exist (= empty)."""
+        """``run-parts`` for one hook directory, None when it does not exist (= empty) or
+        is not root's (:meth:`unsafe_hooks`; logged, never run)."""
         directory = self.config.hooks_dir / name
         if not directory.is_dir():
             return None
+        why = self.hook_problem(name)
+        if why is not None:
+            logger.error("not running the hooks in %s: %s", directory, why)
+            return None
         return ["run-parts", *(["--exit-on-error"] if exit_on_error else []), str(directory)]
+
+    def hook_problem(self, name: str) -> str | None:
+        """Why the hook directory ``name`` could run code that is not root's, or None: the
+        directory (and every directory above it) must be root's and writable by nobody
+        else, and so must each file run-parts would run (lstat; a symlink only to such a
+        file inside ``hooks_dir``). A hook another user may change runs as root."""
+        directory = self.config.hooks_dir / name
+        existing = directory  # a missing one counts as empty; nobody else may create it
+        while not os.path.lexists(existing) and existing != existing.parent:
+            existing = existing.parent
+        why = unsafe_dir_reason(existing)
+        if why is not None:
+            return f"{existing} {why}"
+        if existing != directory:
+            return None
+        for entry in sorted(os.listdir(directory)):
+            path = directory / entry
+            if not _RUN_PARTS_NAME.fullmatch(entry) or (path.is_dir() and not path.is_symlink()):
+                continue  # run-parts ignores it
+            why = unsafe_file_reason(path, self.config.hooks_dir)
+            if why is not None:
+                return f"hook {path} {why}"
+        return None
+
+    def unsafe_hooks(self) -> str | None:
+        """The first reason any hook directory is not root's (see :meth:`hook_problem`)."""
+        for name in HOOK_DIRS:
+            why = self.hook_problem(name)
+            if why is not None:
+                return why
+        return None
 
     def has_invoke_hooks(self) -> bool:
         return any(self.hook(n) for n in ("pre-invoke.d", "post-invoke.d"))

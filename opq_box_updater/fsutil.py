@@ -115,3 +115,28 @@ def _ancestor_reason(directory: Path) -> str | None:
         return (f"is below {directory}, which group or others may write "
                 f"(mode {stat.S_IMODE(st.st_mode):04o})")
     return None
+
+
+def unsafe_file_reason(path: Path, inside: Path) -> str | None:
+    """Why a file that root executes (a hook) could be changed by another local user, or
+    ``None`` when it is safe: a regular file owned by the effective user and not writable by
+    group or others (lstat: the name itself is judged; its directory is the caller's to
+    check with :func:`unsafe_dir_reason`). A symbolic link is accepted only when it resolves
+    inside the directory ``inside`` to a file, in a safe directory, that passes the same
+    checks: a link pointing out could name a file anyone may rewrite."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        target = Path(os.path.realpath(path))
+        if not target.is_relative_to(os.path.realpath(inside)):
+            return f"is a symbolic link pointing outside {inside} (to {target})"
+        if not os.path.lexists(target) or os.path.islink(target):
+            return "is a dangling symbolic link"
+        why = unsafe_dir_reason(target.parent) or unsafe_file_reason(target, inside)
+        return None if why is None else f"links to {target}, which {why}"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by uid {os.geteuid()}"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None

@@ -218,7 +218,12 @@ class Installer:
 
     def pre_update(self, plan: UpdatePlan) -> None:
         """Run ``pre-update.d``; a non-zero exit raises :class:`PostponedError` (nothing was
-        changed; the update is retried next run)."""
+        changed; the update is retried next run). So does a hook directory or hook that is
+        not root's (:meth:`Commands.hook_problem`): no hook runs then."""
+        why = self.commands.unsafe_hooks()
+        if why is not None:
+            raise PostponedError(f"not running hooks another user could change: {why} "
+                                 "(hooks run as root: chown them to root, chmod go-w)")
         cmd = self.commands.hook("pre-update.d")
         if cmd is None:
             return
