@@ -10,6 +10,7 @@ both *what* ran and *in which order* are checked. :class:`World` is reused by
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -529,3 +530,71 @@ def test_self_update_replaces_the_running_updater_and_the_next_run_uses_it(
     w.assert_clean({"opq-box-updater": "2.0.0+selftest2"})
     assert cli("--version").stdout.strip() == "opq-box-updater 2.0.0+selftest2"
     assert cli("run").returncode == OK  # skips the failed release, with the restored code
+
+
+# --- issue 12, items 2 and 3: hooks are root's; a run script that reboots -----------------
+
+
+def test_a_hook_another_user_could_change_postpones_without_changing_anything(
+        world: World) -> None:
+    w = world
+    install_v1(w)
+    w.hook("pre-update.d", "10-log", f"echo pre-update >> {w.order}")
+    planted = w.hook("health.d", "10-planted", f"echo planted >> {w.order}")
+    os.chown(planted, 65534, 65534)  # nobody
+    planted.chmod(0o777)
+    publish_v2(w)
+    before = tree_digest(w.box.dpkg_root, w.box.state_dir / "debs", w.box.hooks_dir)
+
+    proc = w.run("run", expect=OK)
+    assert "release 2 postponed: not running hooks another user could change: hook " \
+           f"{planted} is owned by uid 65534" in proc.stderr, proc.stderr
+    assert w.lines() == []  # not even the root-owned pre-update.d hook ran
+    assert tree_digest(w.box.dpkg_root, w.box.state_dir / "debs", w.box.hooks_dir) == before
+    w.assert_clean({"alpha": "1.0"})
+    status = w.box.status()
+    assert (status["last_result"], status["installed_version"], status["failed_versions"]) \
+        == ("postponed", 1, [])
+
+    os.chown(planted, 0, 0)
+    planted.chmod(0o755)
+    w.run("run", expect=OK)
+    w.assert_clean({"alpha": "2.0", "beta": "1.0"})
+    assert [x for x in w.lines() if x in ("pre-update", "planted")] == ["pre-update", "planted"]
+
+
+#: Shell: what a reboot does to the run: SIGKILL every ancestor up to the updater, and the
+#: run script's own process group.
+REBOOT = """
+pids="" p=$PPID
+while [ "$p" -gt 1 ]; do
+    pids="$p $pids"
+    tr '\\0' ' ' < /proc/$p/cmdline | grep -q 'opq_box_updater[.]cli' && break
+    p=$(awk '/^PPid:/ {print $2}' /proc/$p/status)
+done
+kill -9 $pids 0
+"""
+
+
+def test_a_run_script_that_reboots_at_once_is_rolled_back_and_given_up_on(
+        world: World) -> None:
+    """The journal says ``applying`` and the guard's status ``started`` when the box goes
+    down; each next run recovers before any network request: the script was cut off, so
+    the update is rolled back (exit 5) and retried, and the third interruption counts as a
+    failure (docs/reliability.md, "Scripts that reboot the box")."""
+    w = world
+    install_v1(w)
+    publish_v2(w, run=f"echo rebooting >> {w.order}\n{REBOOT}\necho 'not reached'")
+    for interruption in (1, 2, 3):
+        killed = w.run("run")
+        assert killed.returncode == -9, killed.stderr
+        assert json.loads((w.box.state_dir / "state.json").read_bytes())["journal"]["phase"] \
+            == "applying"
+        proc = w.run("run", expect=APPLY_FAILED)
+        w.assert_clean({"alpha": "1.0"})
+        if interruption < 3:
+            assert f"(interruption {interruption} of 3)" in proc.stderr, proc.stderr
+            assert w.box.status()["failed_versions"] == []
+    assert "interrupted 3 times, it now counts as failed" in proc.stderr, proc.stderr
+    assert w.box.status()["failed_versions"] == [2]
+    assert [x for x in w.lines() if not x.startswith("postinst")] == ["rebooting"] * 3
