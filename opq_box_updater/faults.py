@@ -6,6 +6,11 @@ cut as far as the updater's own state is concerned (no ``finally`` blocks, no ``
 Children it started (dpkg, hooks) are not killed: a real power cut would stop them too, which
 is what tests with a maintainer script doing ``kill -9 $PPID`` simulate.
 
+The variable acts only in the updater itself: children get :func:`runner.child_env`, which
+never passes it on. Tests that need to reach a maintainer script or the run script use
+variables named ``OPQ_TEST_*`` instead (the only ones passed on; nothing in the product sets
+them), e.g. ``OPQ_TEST_POWERCUT`` in ``tests/test_powercut.py``.
+
 Without the variable a fault point costs one dictionary look-up.
 
 Points in use (grep for ``fault_point(`` to find them):
