@@ -86,13 +86,13 @@ def unsafe_dir_reason(path: Path) -> str | None:
     existing = path
     while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
-    for ancestor in reversed(Path(os.path.realpath(existing.parent)).parents):
+    # Every directory above the path (the nearest existing one included, when the path
+    # itself is still to be made), as the kernel resolves them.
+    above = Path(os.path.realpath(existing if existing != path else path.parent))
+    for ancestor in (*reversed(above.parents), above):
         why = _ancestor_reason(ancestor)
         if why is not None:
             return why
-    why = _ancestor_reason(Path(os.path.realpath(existing.parent)))
-    if why is not None:
-        return why
     if existing != path:
         return None
     st = os.lstat(path)

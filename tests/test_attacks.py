@@ -459,3 +459,17 @@ def test_a_package_over_max_package_bytes_is_refused_before_downloading(world: W
     proc = w.box.run("run")
     assert proc.returncode == 0, proc.stderr
     assert w.box.status()["installed_version"] == 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_a_state_directory_still_to_be_made_below_a_foreign_one_is_refused(
+        world: World) -> None:
+    """The nearest existing directory counts too when the configured one does not exist."""
+    w = world
+    parent = w.box.base / "home-pi"
+    parent.mkdir()
+    os.chown(parent, 65534, 65534)
+    w.box.write_config(state_dir=str(parent / "not-yet" / "state") + "/")
+    proc = w.box.run("run")
+    assert proc.returncode == 2, proc.stderr
+    assert not (parent / "not-yet").exists()
