@@ -21,36 +21,29 @@ What this module guarantees:
 from __future__ import annotations
 
 import fcntl
-import glob
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import debcache
 from .applyplan import (
     APT_ARCHIVES,
     APT_CONFIG_FILE,
     CACHE_DIR,
     CONFFILE_OPTIONS,
     RUN_STATUS_FILE,
-    AptSimulation,
     Commands,
     RollbackSteps,
     UpdatePlan,
     cache_name,
-    conflicting,
     decode_states,
     encode_states,
     error_summary,
     exit_text,
     installed_version,
     label,
-    parse_apt_simulation,
-    rollback_needs,
     rollback_steps,
     script_failure,
 )
@@ -68,6 +61,7 @@ from .guard import (
     root_options,
     run_recorded,
 )
+from .rollbackcache import RollbackCache
 from .runner import Result, run, tail
 
 __all__ = ["APT_CONFIG_FILE", "RUN_STATUS_FILE", "Installer", "UpdatePlan", "cache_name",
@@ -75,9 +69,6 @@ __all__ = ["APT_CONFIG_FILE", "RUN_STATUS_FILE", "Installer", "UpdatePlan", "cac
 
 logger = logging.getLogger(__name__)
 
-#: Besides the version just applied, how many other versions of a package the cache keeps:
-#: one is what the next update needs to roll back to.
-KEEP_OTHER_VERSIONS = 1
 
 
 def _lock_holder(path: Path) -> int | None:
@@ -160,6 +151,7 @@ class Installer:
         self.script_timeout = script_timeout  # the run script, health check, each hook dir
         self.commands = Commands(config, lock_timeout=self.lock_timeout,
                                  script_timeout=script_timeout)
+        self.cache = RollbackCache(config, self.commands, timeout=timeout)
 
     # --- the public steps, in the order the orchestrator calls them -----------------------
 
@@ -181,40 +173,9 @@ class Installer:
         return encode_states(self._query_all())
 
     def prepare_rollback(self, plan: UpdatePlan, before: Mapping[str, str]) -> None:
-        """Before anything changes, make sure a rollback could be done: every deb it may need
-        (the installed version of each package the update changes; with dpkg, installed
-        packages a deb ``Conflicts`` with; with apt, what the simulated transaction upgrades)
-        is in ``<state_dir>/debs/`` and intact, copied from apt's archive cache or, with
-        ``installer: apt``, fetched with ``apt-get download``. With apt, a transaction that
-        would remove packages is refused. Raises :class:`PostponedError` otherwise."""
-        states = decode_states(before)
-        others: dict[str, str] = {}
-        if not plan.debs:
-            return
-        if self.config.installer == "apt":
-            simulation = self._simulate(plan)
-            if simulation.removes:
-                raise PostponedError(
-                    f"apt would remove {', '.join(sorted(simulation.removes))} to apply "
-                    f"release {plan.version}; the updater never lets apt remove packages")
-            others.update(simulation.upgrades)
-        else:
-            from .package import deb_control
-
-            for deb in plan.debs:
-                control = deb_control(plan.workdir / deb.filename, deb.filename)
-                others.update(conflicting(control.get("Conflicts", ""), states))
-        missing = [label(name, version)
-                   for name, version in rollback_needs(plan.targets, states, others)
-                   if self._find_deb(name, version) is None
-                   and self._download(plan, name, version) is None]
-        if missing:
-            raise PostponedError(
-                f"release {plan.version} is not applied: a rollback would need "
-                f"{', '.join(missing)}, and no intact deb of it is in "
-                f"{self.config.state_dir / CACHE_DIR} or {self.root / APT_ARCHIVES}"
-                + ("" if self.config.installer == "apt" else
-                   " (put it there, or use installer: apt to download it)"))
+        """Postpone (:class:`PostponedError`) unless a rollback could be done
+        (:meth:`RollbackCache.prepare`)."""
+        self.cache.prepare(plan, before)
 
     def pre_update(self, plan: UpdatePlan) -> None:
         """Run ``pre-update.d``; a non-zero exit raises :class:`PostponedError` (nothing was
@@ -290,20 +251,8 @@ class Installer:
         return unrestored
 
     def cache_debs(self, plan: UpdatePlan) -> None:
-        """Keep the applied debs in ``<state_dir>/debs/`` as ``pkg_version_arch.deb`` (copied
-        atomically) so a later update can be rolled back to them; per package keep the version
-        just applied and the most recently cached other one. Failures are logged, not raised:
-        the update itself succeeded."""
-        cache = self.config.state_dir / CACHE_DIR
-        try:
-            cache.mkdir(parents=True, exist_ok=True, mode=0o700)
-            debcache.clean_leftovers(cache)
-            for deb in plan.debs:
-                name = cache_name(deb.package, deb.version, deb.architecture)
-                debcache.store(plan.workdir / deb.filename, cache / name)
-                self._prune(cache, deb.package, keep=name)
-        except OSError as exc:
-            logger.error("cannot keep the applied debs in %s for rollbacks: %s", cache, exc)
+        """Keep the applied debs for rolling back the next update (:meth:`RollbackCache.keep`)."""
+        self.cache.keep(plan)
 
     def post_update(self, plan: UpdatePlan) -> None:
         """Run every ``post-update.d`` hook; a failure is logged and changes nothing."""
@@ -363,18 +312,6 @@ class Installer:
             return FAILED
         return HEALTHY
 
-    def _write_apt_sandbox(self, plan: UpdatePlan) -> None:
-        """Create apt's directories inside the dpkg root and its ``APT_CONFIG`` file."""
-        try:
-            text = self.commands.apt_config()
-        except ValueError as exc:
-            raise ApplyError(str(exc)) from None
-        for sub in ("etc/apt/apt.conf.d", "etc/apt/preferences.d", "etc/apt/sources.list.d",
-                    "var/lib/apt/lists/partial", "var/cache/apt/archives/partial",
-                    "var/log/apt"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        (plan.workdir / APT_CONFIG_FILE).write_text(text)
-
     # --- running -------------------------------------------------------------------------
 
     def _run_dpkg(self, cmd: list[str], env: dict[str, str]) -> Result:
@@ -395,7 +332,7 @@ class Installer:
         env = self.commands.env(plan, extra)
         if self.config.installer == "apt":
             if self.root != Path("/"):
-                self._write_apt_sandbox(plan)
+                self.cache.write_apt_sandbox(plan)
             # apt takes the frontend lock itself (and waits, DPkg::Lock::Timeout); waiting
             # here first gives the same clear error as the dpkg path.
             with dpkg_locks(self.root, self.lock_timeout, self.lock_poll, hold_frontend=False):
@@ -467,7 +404,7 @@ class Installer:
         fault_point("rollback-after-purge")
         debs = []
         for name, version in steps.reinstall:
-            deb = self._find_deb(name, version)
+            deb = self.cache.find(name, version)
             if deb is None:
                 logger.error("rollback: no %s %s deb in %s or %s", name, version,
                              self.config.state_dir / CACHE_DIR, self.root / APT_ARCHIVES)
@@ -477,52 +414,6 @@ class Installer:
             result = self._run_dpkg([*self.commands.dpkg(), *hooks, "--force-depends",
                                      *CONFFILE_OPTIONS, "-i", *debs], env)
             _log_failure("dpkg -i", result)
-
-    def _find_deb(self, name: str, version: str) -> Path | None:
-        """An intact deb of exactly ``name`` ``version`` (its own control fields checked, not
-        just its name) from our cache, else from apt's archives (then copied into ours)."""
-        return debcache.find(self.config.state_dir / CACHE_DIR, [self.root / APT_ARCHIVES],
-                             name, version)
-
-    def _apt_env(self, plan: UpdatePlan) -> dict[str, str]:
-        if self.root == Path("/"):
-            return self.commands.env(plan)
-        self._write_apt_sandbox(plan)
-        return self.commands.env(plan, {"APT_CONFIG": str(plan.workdir / APT_CONFIG_FILE)})
-
-    def _simulate(self, plan: UpdatePlan) -> AptSimulation:
-        """``apt-get -s`` of the install command: what apt would remove, upgrade, add."""
-        cmd, _ = self.commands.install_command(plan)
-        result = run([cmd[0], "-s", *cmd[1:]], env=self._apt_env(plan), timeout=self.timeout,
-                     check=False)
-        if result.returncode != 0:
-            raise PostponedError(f"apt-get cannot plan release {plan.version}: "
-                                 f"{error_summary(result.output, 'apt-get')}")
-        return parse_apt_simulation(result.output)
-
-    def _download(self, plan: UpdatePlan, name: str, version: str) -> Path | None:
-        """With ``installer: apt``, ``apt-get download name=version`` into our cache."""
-        if self.config.installer != "apt":
-            return None
-        cache = self.config.state_dir / CACHE_DIR
-        with tempfile.TemporaryDirectory(dir=self.config.state_dir) as tmp:
-            result = run(["apt-get", "download", f"{name}={version}"],
-                         env=self._apt_env(plan), cwd=Path(tmp), timeout=self.timeout,
-                         check=False)
-            if result.returncode != 0:
-                logger.warning("apt-get download %s=%s failed: %s", name, version,
-                               tail(result.output, 1))
-                return None
-            return debcache.find(cache, [Path(tmp)], name, version)
-
-    def _prune(self, cache: Path, package: str, *, keep: str) -> None:
-        others = [p for p in cache.glob(f"{glob.escape(package)}_*.deb")
-                  if p.name.split("_")[0] == package and p.name != keep]
-        others.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
-        for old in others[KEEP_OTHER_VERSIONS:]:
-            logger.info("removing %s from the rollback cache", old.name)
-            debcache.remove(old)
-
 
 # --- small helpers ----------------------------------------------------------------------
 

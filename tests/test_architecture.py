@@ -21,10 +21,11 @@ LEVELS: dict[str, int] = {
     "metadata": 1, "runner": 1, "partfile": 1,
     "trust": 2, "config": 2, "state": 2, "package": 2, "guard": 2,
     "applyplan": 3, "httpcheck": 3, "debcache": 3,
-    "installer": 4, "fetcher": 4,
-    "transaction": 5,
-    "updater": 6,
-    "cli": 7,
+    "rollbackcache": 4,
+    "installer": 5, "fetcher": 5,
+    "transaction": 6,
+    "updater": 7,
+    "cli": 8,
 }
 #: What the I/O-free core may import: no os, pathlib, sockets, subprocesses or HTTP.
 CORE = {"metadata", "trust"}

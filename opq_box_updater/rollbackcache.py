@@ -1,0 +1,161 @@
+"""The debs a rollback needs, kept and checked before anything changes (DESIGN 3.2).
+
+:class:`RollbackCache` owns ``<state_dir>/debs/``: it keeps the debs each update applied (for
+rolling back the next one), finds an intact deb of an exact version there or in apt's
+archive cache, fetches one with ``apt-get download`` when ``installer: apt``, and answers,
+before an update is applied, whether a rollback could be done. The installer runs dpkg; this
+module only decides which debs are at hand (:mod:`debcache` checks each file).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from . import debcache
+from .applyplan import (
+    APT_ARCHIVES,
+    APT_CONFIG_FILE,
+    CACHE_DIR,
+    AptSimulation,
+    Commands,
+    UpdatePlan,
+    cache_name,
+    conflicting,
+    decode_states,
+    error_summary,
+    label,
+    parse_apt_simulation,
+    rollback_needs,
+)
+from .config import Config
+from .errors import ApplyError, PostponedError
+from .runner import run, tail
+
+logger = logging.getLogger(__name__)
+
+#: Besides the version just applied, how many other versions of a package the cache keeps:
+#: one is what the next update needs to roll back to.
+KEEP_OTHER_VERSIONS = 1
+
+
+class RollbackCache:
+    """``<state_dir>/debs/`` and the other places an intact deb may come from."""
+
+    def __init__(self, config: Config, commands: Commands, *, timeout: float) -> None:
+        self.config = config
+        self.commands = commands
+        self.root = config.dpkg_root
+        self.dir = config.state_dir / CACHE_DIR
+        self.timeout = timeout  # one apt-get call
+
+    def prepare(self, plan: UpdatePlan, before: Mapping[str, str]) -> None:
+        """Before anything changes, make sure a rollback could be done: every deb it may need
+        (the installed version of each package the update changes; with dpkg, installed
+        packages a deb ``Conflicts`` with; with apt, what the simulated transaction upgrades)
+        is in ``<state_dir>/debs/`` and intact, copied from apt's archive cache or, with
+        ``installer: apt``, fetched with ``apt-get download``. With apt, a transaction that
+        would remove packages is refused. Raises :class:`PostponedError` otherwise."""
+        states = decode_states(before)
+        others: dict[str, str] = {}
+        if not plan.debs:
+            return
+        if self.config.installer == "apt":
+            simulation = self._simulate(plan)
+            if simulation.removes:
+                raise PostponedError(
+                    f"apt would remove {', '.join(sorted(simulation.removes))} to apply "
+                    f"release {plan.version}; the updater never lets apt remove packages")
+            others.update(simulation.upgrades)
+        else:
+            from .package import deb_control
+
+            for deb in plan.debs:
+                control = deb_control(plan.workdir / deb.filename, deb.filename)
+                others.update(conflicting(control.get("Conflicts", ""), states))
+        missing = [label(name, version)
+                   for name, version in rollback_needs(plan.targets, states, others)
+                   if self.find(name, version) is None
+                   and self._download(plan, name, version) is None]
+        if missing:
+            raise PostponedError(
+                f"release {plan.version} is not applied: a rollback would need "
+                f"{', '.join(missing)}, and no intact deb of it is in "
+                f"{self.dir} or {self.root / APT_ARCHIVES}"
+                + ("" if self.config.installer == "apt" else
+                   " (put it there, or use installer: apt to download it)"))
+
+    def keep(self, plan: UpdatePlan) -> None:
+        """Keep the applied debs as ``pkg_version_arch.deb`` (copied atomically, with their
+        sha256) so a later update can be rolled back to them; per package keep the version
+        just applied and the most recently cached other one. Failures are logged, not
+        raised: the update itself succeeded."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            debcache.clean_leftovers(self.dir)
+            for deb in plan.debs:
+                name = cache_name(deb.package, deb.version, deb.architecture)
+                debcache.store(plan.workdir / deb.filename, self.dir / name)
+                self._prune(deb.package, keep=name)
+        except OSError as exc:
+            logger.error("cannot keep the applied debs in %s for rollbacks: %s", self.dir, exc)
+
+    def find(self, name: str, version: str) -> Path | None:
+        """An intact deb of exactly ``name`` ``version`` (its own control fields checked, not
+        just its name) from our cache, else from apt's archives (then copied into ours)."""
+        return debcache.find(self.dir, [self.root / APT_ARCHIVES], name, version)
+
+    def apt_env(self, plan: UpdatePlan) -> dict[str, str]:
+        """The environment of an apt-get call; in a sandbox root, apt's directories and its
+        own ``APT_CONFIG`` are made first."""
+        if self.root == Path("/"):
+            return self.commands.env(plan)
+        self.write_apt_sandbox(plan)
+        return self.commands.env(plan, {"APT_CONFIG": str(plan.workdir / APT_CONFIG_FILE)})
+
+    def write_apt_sandbox(self, plan: UpdatePlan) -> None:
+        """Create apt's directories inside the dpkg root and its ``APT_CONFIG`` file."""
+        try:
+            text = self.commands.apt_config()
+        except ValueError as exc:
+            raise ApplyError(str(exc)) from None
+        for sub in ("etc/apt/apt.conf.d", "etc/apt/preferences.d", "etc/apt/sources.list.d",
+                    "var/lib/apt/lists/partial", "var/cache/apt/archives/partial",
+                    "var/log/apt"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        (plan.workdir / APT_CONFIG_FILE).write_text(text)
+
+    def _simulate(self, plan: UpdatePlan) -> AptSimulation:
+        """``apt-get -s`` of the install command: what apt would remove, upgrade, add."""
+        cmd, _ = self.commands.install_command(plan)
+        result = run([cmd[0], "-s", *cmd[1:]], env=self.apt_env(plan), timeout=self.timeout,
+                     check=False)
+        if result.returncode != 0:
+            raise PostponedError(f"apt-get cannot plan release {plan.version}: "
+                                 f"{error_summary(result.output, 'apt-get')}")
+        return parse_apt_simulation(result.output)
+
+    def _download(self, plan: UpdatePlan, name: str, version: str) -> Path | None:
+        """With ``installer: apt``, ``apt-get download name=version`` into our cache."""
+        if self.config.installer != "apt":
+            return None
+        with tempfile.TemporaryDirectory(dir=self.config.state_dir) as tmp:
+            result = run(["apt-get", "download", f"{name}={version}"],
+                         env=self.apt_env(plan), cwd=Path(tmp), timeout=self.timeout,
+                         check=False)
+            if result.returncode != 0:
+                logger.warning("apt-get download %s=%s failed: %s", name, version,
+                               tail(result.output, 1))
+                return None
+            return debcache.find(self.dir, [Path(tmp)], name, version)
+
+    def _prune(self, package: str, *, keep: str) -> None:
+        others = [p for p in self.dir.glob(f"{glob.escape(package)}_*.deb")
+                  if p.name.split("_")[0] == package and p.name != keep]
+        others.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        for old in others[KEEP_OTHER_VERSIONS:]:
+            logger.info("removing %s from the rollback cache", old.name)
+            debcache.remove(old)
