@@ -15,7 +15,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,15 +298,20 @@ class RollbackSteps:
 
 def rollback_steps(previous: Mapping[str, str | None],
                    before: Mapping[str, PackageState] | None,
-                   now: Mapping[str, PackageState]) -> RollbackSteps:
+                   now: Mapping[str, PackageState],
+                   scope: Iterable[str] | None = None) -> RollbackSteps:
     """Compare the box (``now``) with the set it had before the update.
 
     ``before`` is the whole installed set recorded before applying; then every package that
     appeared since is purged, one that was only ``config-files`` is removed back to that
     state (the admin's conffiles stay), and every package whose version or state changed
-    (an upgrade of the update, a package its ``Conflicts`` removed) is reinstalled. Without
-    ``before`` (a journal written by an older updater) only the update's own packages,
-    ``previous``, are compared, as that version did."""
+    (an upgrade of the update, a package its ``Conflicts`` removed) is reinstalled — but
+    only among ``scope``, the packages the update could change (its own, what its debs
+    conflict with or replace, what apt's simulation installs or upgrades): an admin who
+    installed or upgraded something else while the update ran (dpkg's lock is not held
+    during the health check, nor across a power cut) keeps it. Without ``before`` (a journal
+    written by an older updater) only the update's own packages, ``previous``, are compared,
+    as that version did."""
     if before is None:
         return RollbackSteps(
             purge=tuple(sorted(n for n, v in previous.items()
@@ -317,7 +322,8 @@ def rollback_steps(previous: Mapping[str, str | None],
     remove: list[str] = []
     lost: list[str] = []
     changed: list[tuple[str, str]] = []
-    for name in sorted({*before, *now}):
+    names = {*before, *now} if scope is None else {*scope, *previous}
+    for name in sorted(names):
         old, new = before.get(name), now.get(name)
         if old is None or not old.present:
             if new is not None and new.present:
@@ -427,10 +433,13 @@ def missing_dependencies(output: str) -> list[str]:
 # --- what a rollback will need, known before applying --------------------------------------
 
 
-def conflicting(relations: str, states: Mapping[str, PackageState]) -> list[tuple[str, str]]:
-    """The installed packages (name, version) a deb's ``Conflicts`` field names, version
-    restrictions honoured: dpkg may remove these while applying (with ``Replaces``), so a
-    rollback would need their debs."""
+def conflicting(relations: str, states: Mapping[str, PackageState],
+                providers: Mapping[str, Iterable[str]] | None = None
+                ) -> list[tuple[str, str]]:
+    """The installed packages (name, version) a deb's ``Conflicts`` or ``Replaces`` field
+    names, version restrictions honoured, and the installed packages that ``Provides`` a
+    virtual name it names (``providers``: virtual name -> packages): dpkg may remove these
+    while applying, so a rollback would need their debs."""
     from debian.deb822 import PkgRelation
     from debian.debian_support import version_compare
 
@@ -441,6 +450,10 @@ def conflicting(relations: str, states: Mapping[str, PackageState]) -> list[tupl
         for rel in group:
             version = installed_version(states.get(rel["name"]))
             if version is None:
+                for provider in (providers or {}).get(rel["name"], ()):
+                    installed = installed_version(states.get(provider))
+                    if installed is not None:
+                        found.append((provider, installed))
                 continue
             restriction = rel.get("version")
             if restriction is None or ops[restriction[0]](

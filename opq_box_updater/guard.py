@@ -63,6 +63,11 @@ class PackageState:
         return len(parts) == 3 and parts[1] == "ok" and parts[2] == "installed"
 
     @property
+    def held(self) -> bool:
+        """True when the administrator put the package on hold (``dpkg --set-selections``)."""
+        return self.status.startswith("hold ")
+
+    @property
     def present(self) -> bool:
         """True when anything of the package is on the system (even only its conffiles)."""
         return not self.status.endswith(" not-installed")

@@ -24,7 +24,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -172,10 +172,10 @@ class Installer:
         removed, what apt added, packages that had only their conffiles)."""
         return encode_states(self._query_all())
 
-    def prepare_rollback(self, plan: UpdatePlan, before: Mapping[str, str]) -> None:
+    def prepare_rollback(self, plan: UpdatePlan, before: Mapping[str, str]) -> tuple[str, ...]:
         """Postpone (:class:`PostponedError`) unless a rollback could be done
         (:meth:`RollbackCache.prepare`)."""
-        self.cache.prepare(plan, before)
+        return self.cache.prepare(plan, before)
 
     def pre_update(self, plan: UpdatePlan) -> None:
         """Run ``pre-update.d``; a non-zero exit raises :class:`PostponedError` (nothing was
@@ -216,9 +216,11 @@ class Installer:
             raise ApplyError(str(exc)) from None
 
     def rollback(self, plan: UpdatePlan, previous: Mapping[str, str | None],
-                 before: Mapping[str, str] | None = None) -> tuple[str, ...]:
-        """Return the box to ``before``, the whole installed set :meth:`snapshot_all` recorded
-        (see :func:`~opq_box_updater.applyplan.rollback_steps`): purge what is new, return
+                 before: Mapping[str, str] | None = None,
+                 scope: Iterable[str] | None = None) -> tuple[str, ...]:
+        """Return the packages of ``scope`` (what :meth:`prepare_rollback` said the update may
+        change; all of them when None) to ``before``, the installed set :meth:`snapshot_all`
+        recorded (see :func:`~opq_box_updater.applyplan.rollback_steps`): purge what is new, return
         packages that had only conffiles to ``config-files`` (``dpkg --remove``), reinstall
         the previous version of what changed or was removed, from ``<state_dir>/debs/`` or
         apt's archive cache. Without ``before`` (an older journal) only ``previous``
@@ -230,16 +232,17 @@ class Installer:
         # the plan may be rebuilt from the journal without its files.
         env = self.commands.env(plan)
         baseline = decode_states(before) if before else None
+        scope = tuple(scope) if scope is not None else None
         try:
-            steps = self._steps(previous, baseline)
+            steps = self._steps(previous, baseline, scope)
             self._restore(steps, env, with_hooks=True)
-            steps = self._steps(previous, baseline)
+            steps = self._steps(previous, baseline, scope)
             if steps.labels() and self.commands.has_invoke_hooks():
                 # The box's own hooks must not keep it half-updated: try once without them.
                 logger.warning("rollback incomplete with the pre-/post-invoke hooks; "
                                "retrying without them")
                 self._restore(steps, env, with_hooks=False)
-                steps = self._steps(previous, baseline)
+                steps = self._steps(previous, baseline, scope)
             unrestored = steps.labels()
         except DpkgBusyError:
             raise  # the journal stays "rolling-back": the next run finishes the rollback
@@ -379,9 +382,10 @@ class Installer:
         return parse_query(run(cmd, timeout=120).output)
 
     def _steps(self, previous: Mapping[str, str | None],
-               baseline: Mapping[str, PackageState] | None) -> RollbackSteps:
+               baseline: Mapping[str, PackageState] | None,
+               scope: Iterable[str] | None) -> RollbackSteps:
         now = self._query_all() if baseline is not None else query_packages(self.root, previous)
-        return rollback_steps(previous, baseline, now)
+        return rollback_steps(previous, baseline, now, scope)
 
     def _restore(self, steps: RollbackSteps, env: dict[str, str], *,
                  with_hooks: bool) -> None:

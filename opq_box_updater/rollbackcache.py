@@ -33,6 +33,7 @@ from .applyplan import (
 )
 from .config import Config
 from .errors import ApplyError, PostponedError
+from .guard import root_options
 from .runner import run, tail
 
 logger = logging.getLogger(__name__)
@@ -52,17 +53,20 @@ class RollbackCache:
         self.dir = config.state_dir / CACHE_DIR
         self.timeout = timeout  # one apt-get call
 
-    def prepare(self, plan: UpdatePlan, before: Mapping[str, str]) -> None:
-        """Before anything changes, make sure a rollback could be done: every deb it may need
-        (the installed version of each package the update changes; with dpkg, installed
-        packages a deb ``Conflicts`` with; with apt, what the simulated transaction upgrades)
-        is in ``<state_dir>/debs/`` and intact, copied from apt's archive cache or, with
-        ``installer: apt``, fetched with ``apt-get download``. With apt, a transaction that
-        would remove packages is refused. Raises :class:`PostponedError` otherwise."""
+    def prepare(self, plan: UpdatePlan, before: Mapping[str, str]) -> tuple[str, ...]:
+        """Before anything changes, make sure a rollback could be done, and return its scope:
+        the packages the update may change (its own; with dpkg, the installed packages its
+        debs' ``Conflicts`` or ``Replaces`` name, directly or through ``Provides``; with
+        apt, what the simulated transaction installs or upgrades). A rollback touches nothing
+        else. Every deb it may need is in ``<state_dir>/debs/`` and intact, copied from apt's
+        archive cache or, with ``installer: apt``, fetched with ``apt-get download``. Raises
+        :class:`PostponedError` when one is missing, when apt would remove packages, or when
+        a package in scope is on hold (the administrator's hold wins, as with apt)."""
         states = decode_states(before)
         others: dict[str, str] = {}
+        scope = set(plan.targets)
         if not plan.debs:
-            return
+            return ()
         if self.config.installer == "apt":
             simulation = self._simulate(plan)
             if simulation.removes:
@@ -70,12 +74,22 @@ class RollbackCache:
                     f"apt would remove {', '.join(sorted(simulation.removes))} to apply "
                     f"release {plan.version}; the updater never lets apt remove packages")
             others.update(simulation.upgrades)
+            scope.update(simulation.new)
         else:
             from .package import deb_control
 
+            providers = self._providers()
             for deb in plan.debs:
                 control = deb_control(plan.workdir / deb.filename, deb.filename)
-                others.update(conflicting(control.get("Conflicts", ""), states))
+                for field in ("Conflicts", "Replaces"):
+                    if control.get(field):
+                        others.update(conflicting(control[field], states, providers))
+        scope.update(others)
+        held = sorted(name for name in scope if (state := states.get(name)) and state.held)
+        if held:
+            raise PostponedError(f"release {plan.version} is not applied: it would change "
+                                 f"{', '.join(held)}, on hold on this box (release the hold "
+                                 "with 'echo NAME install | dpkg --set-selections')")
         missing = [label(name, version)
                    for name, version in rollback_needs(plan.targets, states, others)
                    if self.find(name, version) is None
@@ -87,6 +101,20 @@ class RollbackCache:
                 f"{self.dir} or {self.root / APT_ARCHIVES}"
                 + ("" if self.config.installer == "apt" else
                    " (put it there, or use installer: apt to download it)"))
+        return tuple(sorted(scope))
+
+    def _providers(self) -> dict[str, list[str]]:
+        """Virtual package name -> the installed packages that ``Provides`` it."""
+        cmd = ["dpkg-query", *root_options(self.root), "--showformat",
+               "${Package}\t${Provides}\n", "--show"]
+        providers: dict[str, list[str]] = {}
+        for line in run(cmd, timeout=120).output.splitlines():
+            name, _, provides = line.partition("\t")
+            for item in provides.split(","):
+                virtual = item.strip().split(" ")[0]
+                if virtual:
+                    providers.setdefault(virtual, []).append(name)
+        return providers
 
     def keep(self, plan: UpdatePlan) -> None:
         """Keep the applied debs as ``pkg_version_arch.deb`` (copied atomically, with their

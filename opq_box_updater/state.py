@@ -44,6 +44,8 @@ class Journal(NamedTuple):
     # Every package dpkg knew before applying, "want flag status version" (applyplan's
     # encode_states): what the rollback returns the box to. Empty in older journals.
     before: dict[str, str] = {}
+    # The packages the update may change (RollbackCache.prepare): all a rollback touches.
+    scope: tuple[str, ...] = ()
 
 
 class ChannelState(NamedTuple):
@@ -125,7 +127,9 @@ class State(NamedTuple):
             channels[name] = channel._replace(failed_versions=tuple(channel.failed_versions))
         _check_fields(doc, _STATE_FIELDS, "")
         _check_fields(journal_doc, _JOURNAL_FIELDS, "journal.")
-        state = cls(**{**doc, "channels": channels, "journal": Journal(**journal_doc)})
+        journal = Journal(**journal_doc)
+        state = cls(**{**doc, "channels": channels,
+                       "journal": journal._replace(scope=tuple(journal.scope))})
         return state._replace(unrestored=tuple(state.unrestored))
 
 
@@ -133,8 +137,9 @@ def _journal_doc(journal: Journal) -> dict[str, Any]:
     """The journal as stored; an empty ``before`` is left out, so that an updater from
     before the field (a rolled-back self-update) still reads an idle state."""
     doc = journal._asdict()
-    if not doc["before"]:
-        del doc["before"]
+    for key in ("before", "scope"):
+        if not doc[key]:
+            del doc[key]
     return doc
 
 
@@ -202,6 +207,7 @@ _JOURNAL_FIELDS: dict[str, Any] = {
     "phase": lambda v: v in PHASES, "target_version": _count, "previous_version": _count,
     "previous": _optional_string_map, "targets": _string_map, "workdir": _optional_str,
     "package_sha256": _optional_str, "channel": _optional_str, "before": _string_map,
+    "scope": _strings,
 }
 
 

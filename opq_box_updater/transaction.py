@@ -74,7 +74,7 @@ class Transaction:
         previous = installer.snapshot(plan)
         before = installer.snapshot_all()
         try:
-            installer.prepare_rollback(plan, before)  # know we can go back before changing
+            scope = installer.prepare_rollback(plan, before)  # can we go back? (else postpone)
             installer.pre_update(plan)
         except PostponedError as exc:
             self.journal(state, Journal())
@@ -83,7 +83,8 @@ class Transaction:
         journal = Journal(phase="applying", target_version=version,
                           previous_version=plan.previous_version, previous=previous,
                           targets=targets, workdir=str(plan.workdir),
-                          package_sha256=package_sha256, channel=channel, before=before)
+                          package_sha256=package_sha256, channel=channel, before=before,
+                          scope=scope)
         state = self.journal(state, journal)
         fault_point("apply")
         try:
@@ -129,7 +130,8 @@ class Transaction:
             state = _with_failed(state, channel, version)
         state = self.journal(state, journal._replace(phase="rolling-back"))
         fault_point("rollback")
-        unrestored = tuple(installer.rollback(plan, journal.previous, journal.before))
+        unrestored = tuple(installer.rollback(plan, journal.previous, journal.before,
+                                              journal.scope or None))
         self.store.save(state._replace(unrestored=unrestored, journal=Journal()))
         if unrestored:
             logger.error("release %d: rollback incomplete, could not restore: %s", version,

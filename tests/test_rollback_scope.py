@@ -13,7 +13,7 @@ from debs import dpkg_command, make_deb, require_tool
 from test_installer import Sandbox, sandbox  # noqa: F401
 
 from opq_box_updater.applyplan import decode_states, encode_states, rollback_steps
-from opq_box_updater.errors import ApplyError
+from opq_box_updater.errors import ApplyError, PostponedError
 from opq_box_updater.guard import PackageState
 from opq_box_updater.installer import UpdatePlan
 from opq_box_updater.state import State, Store
@@ -188,3 +188,53 @@ def test_apt_refuses_a_transaction_that_removes_packages(sandbox: Sandbox) -> No
     assert "apt would remove old" in message
     plan = sandbox.plan(3, [sandbox.deb("a", "3.0")])
     assert "--no-install-recommends" in sandbox.installer().describe(plan)[1]
+
+
+# --- the rollback's scope: what the update could change, nothing else ------------------------
+
+
+def test_what_an_admin_changed_while_the_update_ran_is_left_alone(
+        sandbox: Sandbox) -> None:  # noqa: F811
+    """dpkg's lock is not held during the health check (nor across a power cut): a package
+    the admin installed, or another one upgraded, in that window is not the rollback's."""
+    sandbox.install_v1()
+    _image_package(sandbox, "lib", "1.0")
+    plan = sandbox.plan(2, [sandbox.deb("a", "2.0")], healthcheck="exit 1")
+    installer = sandbox.installer()
+    previous, before = installer.snapshot(plan), installer.snapshot_all()
+    scope = installer.prepare_rollback(plan, before)
+    assert scope == ("a",)
+    with pytest.raises(ApplyError):
+        installer.apply(plan)
+    _dpkg(sandbox, "-i", str(make_deb(sandbox.debs / "admin", "tool", "4.9")))
+    _dpkg(sandbox, "-i", str(make_deb(sandbox.debs / "admin", "lib", "1.1")))
+    assert installer.rollback(plan, previous, before, scope) == ()
+    assert sandbox.installed() == {"a": "1.0", "lib": "1.1", "tool": "4.9"}
+
+
+def test_a_package_replaced_through_a_virtual_name_needs_its_deb_first(
+        sandbox: Sandbox) -> None:  # noqa: F811
+    """postfix Conflicts with the virtual 'mta' that the installed exim Provides: dpkg
+    removes exim, so the rollback needs exim's deb; without it the update is postponed."""
+    sandbox.install_v1()
+    _image_package(sandbox, "exim", "1.0", in_apt_cache=False,
+                   extra_control={"Provides": "mta"})
+    postfix = make_deb(sandbox.debs, "postfix", "1.0",
+                       extra_control={"Provides": "mta", "Conflicts": "mta",
+                                      "Replaces": "mta"})
+    plan = sandbox.plan(2, [postfix], healthcheck="exit 1")
+    installer = sandbox.installer()
+    with pytest.raises(PostponedError, match=r"exim=1\.0"):
+        installer.prepare_rollback(plan, installer.snapshot_all())
+    assert sandbox.installed() == {"a": "1.0", "exim": "1.0"}
+
+
+def test_a_release_touching_a_held_package_is_postponed(sandbox: Sandbox) -> None:  # noqa: F811
+    sandbox.install_v1()
+    subprocess.run([*dpkg_command(sandbox.root, "--set-selections")], input=b"a hold\n",
+                   check=True, capture_output=True)
+    plan = sandbox.plan(2, [sandbox.deb("a", "2.0")])
+    installer = sandbox.installer()
+    with pytest.raises(PostponedError, match="on hold"):
+        installer.prepare_rollback(plan, installer.snapshot_all())
+    assert sandbox.installed() == {"a": "1.0 hi"}  # still 1.0, still held
