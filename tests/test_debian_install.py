@@ -359,7 +359,11 @@ def check_fresh_install(root: Root) -> None:
     assert stat.S_IMODE(cron.stat().st_mode) == 0o644
     assert re.search(r"^PATH=.*/usr/sbin", cron.read_text(), re.MULTILINE)
     command = cron_command(root)
-    assert command.startswith("test -x /usr/bin/opq-box-updater && nice -n 10 ionice -c3 ")
+    # The log directory is made before the redirection (a tmpfs /var/log after a reboot).
+    assert command.startswith("test -x /usr/bin/opq-box-updater && mkdir -p /var/log/opq && "
+                              "nice -n 10 ionice -c3 ")
+    tmpfiles = root.file("/usr/lib/tmpfiles.d/opq-box-updater.conf").read_text()
+    assert re.search(r"^d /var/log/opq ", tmpfiles, re.MULTILINE), tmpfiles
     assert "opq-box-updater -q run --random-delay 3600" in command
     assert command.endswith(">> /var/log/opq/box_updater.log 2>&1")
 
@@ -452,12 +456,21 @@ def check_update_cycle(root: Root) -> None:
 
 
 def check_self_upgrade(root: Root, repo: Path, updater_deb: Path, version: str,
-                       config: bytes) -> None:
-    """Release 2 carries a newer opq-box-updater: the cron job upgrades the updater itself."""
+                       config: bytes, installed_deb: Path) -> None:
+    """Release 2 carries a newer opq-box-updater: the cron job upgrades the updater itself,
+    once the deb it would roll back to is at hand (docs/operations.md, "Installing a box")."""
     package = repo.parent / "update-2.zip"
     _run([str(PUBLISH), "build", str(package), "--deb", str(updater_deb), "--version", "2"])
     _run([str(PUBLISH), "release", str(repo), str(package), "--keys",
           str(repo.parent / "keys")])
+    # Installed from a local file, the running updater's deb is nowhere a rollback could
+    # take it from: the update waits, saying which deb it needs.
+    run_cron_line(root)
+    state = json.loads(root.sh("opq-box-updater status --json").stdout)
+    assert state["last_result"] == "postponed", state
+    assert f"opq-box-updater={installed_deb.name.split('_')[1]}" in state["last_message"]
+    archives = root.file("/var/cache/apt/archives")
+    shutil.copy(installed_deb, archives / installed_deb.name)
     run_cron_line(root)
     status = root.sh("dpkg-query -W -f '${Version} ${Status}' opq-box-updater").stdout
     assert status == f"{version} install ok installed"
@@ -515,6 +528,7 @@ def test_debian_packages_in_a_clean_root(clean_root: Root, repo_server: tuple[Pa
     config = check_reconfigure_and_admin_edits(root, url)
     check_upgrade(root, second, f"{version}+test2", config)
     check_update_cycle(root)
-    check_self_upgrade(root, repo, third["opq-box-updater"], f"{version}+test3", config)
+    check_self_upgrade(root, repo, third["opq-box-updater"], f"{version}+test3", config,
+                       second["opq-box-updater"])
     check_logrotate(root)
     check_remove_and_purge(root, baseline)
