@@ -36,7 +36,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, NamedTuple
@@ -192,33 +192,11 @@ class Fetcher:
                 if resp.status_code != 200:
                     raise http_error(url, resp)
                 answered = True
-                return self._metadata_body(url, resp, max_bytes)
+                return _metadata_body(self._read, url, resp, max_bytes)
         except DownloadError as exc:
             if headers and not answered and not isinstance(exc, SlowRetrievalError):
                 raise _ConditionalFailed(exc) from exc
             raise
-
-    def _metadata_body(self, url: str, resp: requests.Response,
-                       max_bytes: int) -> MetadataResponse:
-        """Read a 200's body, at most ``max_bytes`` bytes (one more to find out)."""
-        declared = declared_length(url, resp)
-        if declared is not None and declared > max_bytes:
-            raise LengthOrHashMismatchError(
-                f"{url}: declares {declared} bytes, more than the limit of {max_bytes}")
-        body = bytearray()
-        while len(body) <= max_bytes:
-            chunk = self._read(url, resp, min(CHUNK_SIZE, max_bytes + 1 - len(body)))
-            if not chunk:
-                break
-            body += chunk
-        if len(body) > max_bytes:
-            raise LengthOrHashMismatchError(
-                f"{url}: more than {max_bytes} bytes (endless data?); refused")
-        if declared is not None and len(body) < declared:
-            raise DownloadError(
-                f"{url}: connection closed after {len(body)} of {declared} bytes")
-        return MetadataResponse(200, bytes(body), valid_etag(resp.headers.get("ETag")),
-                                valid_last_modified(resp.headers.get("Last-Modified")))
 
     # --- packages ---------------------------------------------------------------------------
 
@@ -304,7 +282,8 @@ class Fetcher:
             part.unlink(missing_ok=True)
             raise LengthOrHashMismatchError(
                 f"{url}: declares {declared} bytes, more than the {remaining} expected")
-        received = self._stream(url, resp, out, hasher, offset, length)
+        received = _stream(self._read, url, resp, out, hasher, offset, length,
+                           self._progress)
         if received > remaining:
             part.unlink()
             raise LengthOrHashMismatchError(
@@ -325,35 +304,6 @@ class Fetcher:
             part.unlink()
             raise LengthOrHashMismatchError(
                 f"{url}: SHA-256 mismatch (got {hasher.hexdigest()}, signed {sha256})")
-
-    def _stream(self, url: str, resp: requests.Response, out: Any, hasher: Any, offset: int,
-                length: int) -> int:
-        """Copy the body into ``out`` and ``hasher``; return the body bytes received.
-
-        Reads at most one byte past ``length - offset`` (that byte is not written), so the
-        caller can tell "exactly right" from "too long" without ever reading more.
-        """
-        limit = length - offset + 1
-        received = 0
-        bar = Progress(length) if self._progress else None
-        background = HashingThread(hasher)
-        try:
-            while received < limit:
-                chunk = self._read(url, resp, min(CHUNK_SIZE, limit - received))
-                if not chunk:
-                    break
-                received += len(chunk)
-                if received == limit:
-                    chunk = chunk[:-1]
-                out.write(chunk)
-                background.update(chunk)
-                if bar:
-                    bar.update(offset + min(received, limit - 1))
-        finally:
-            background.close()  # on return the hasher has seen every byte written
-            if bar:
-                bar.finish(offset + min(received, limit - 1))
-        return received
 
     # --- status reports ---------------------------------------------------------------------
 
@@ -459,6 +409,62 @@ def post_report(url: str, payload: Mapping[str, Any], timeouts: Timeouts, *,
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+def _metadata_body(read: Callable[[str, requests.Response, int], bytes], url: str,
+                   resp: requests.Response, max_bytes: int) -> MetadataResponse:
+    """Read a 200's body with ``read`` (the fetcher's deadline-bound read), at most
+    ``max_bytes`` bytes (one more to find out)."""
+    declared = declared_length(url, resp)
+    if declared is not None and declared > max_bytes:
+        raise LengthOrHashMismatchError(
+            f"{url}: declares {declared} bytes, more than the limit of {max_bytes}")
+    body = bytearray()
+    while len(body) <= max_bytes:
+        chunk = read(url, resp, min(CHUNK_SIZE, max_bytes + 1 - len(body)))
+        if not chunk:
+            break
+        body += chunk
+    if len(body) > max_bytes:
+        raise LengthOrHashMismatchError(
+            f"{url}: more than {max_bytes} bytes (endless data?); refused")
+    if declared is not None and len(body) < declared:
+        raise DownloadError(
+            f"{url}: connection closed after {len(body)} of {declared} bytes")
+    return MetadataResponse(200, bytes(body), valid_etag(resp.headers.get("ETag")),
+                            valid_last_modified(resp.headers.get("Last-Modified")))
+
+
+def _stream(read: Callable[[str, requests.Response, int], bytes], url: str,
+            resp: requests.Response, out: Any, hasher: Any, offset: int, length: int,
+            progress: bool) -> int:
+    """Copy the body into ``out`` and ``hasher`` with ``read`` (the fetcher's deadline-bound
+    read); return the body bytes received.
+
+    Reads at most one byte past ``length - offset`` (that byte is not written), so the
+    caller can tell "exactly right" from "too long" without ever reading more.
+    """
+    limit = length - offset + 1
+    received = 0
+    bar = Progress(length) if progress else None
+    background = HashingThread(hasher)
+    try:
+        while received < limit:
+            chunk = read(url, resp, min(CHUNK_SIZE, limit - received))
+            if not chunk:
+                break
+            received += len(chunk)
+            if received == limit:
+                chunk = chunk[:-1]
+            out.write(chunk)
+            background.update(chunk)
+            if bar:
+                bar.update(offset + min(received, limit - 1))
+    finally:
+        background.close()  # on return the hasher has seen every byte written
+        if bar:
+            bar.finish(offset + min(received, limit - 1))
+    return received
 
 
 def _check_content_range(url: str, resp: requests.Response, offset: int, length: int,
