@@ -54,6 +54,14 @@ bench: venv
 	@scripts/need-apt $(TEST_DEBS)
 	$(VPY) -m bench $(BENCH_ARGS)
 
+# Coverage-guided fuzzing (atheris) of the parsers that read hostile bytes: JSON, roots,
+# releases, manifests, zips, .debs (fuzz/run.py). FUZZ_TIME seconds per target;
+# FUZZ_ARGS="--runs 1000000 zip" picks inputs and targets. Scratch in $TMPDIR/opq-fuzz.
+FUZZ_TIME ?= 60
+.PHONY: fuzz
+fuzz: venv
+	$(VPY) -m fuzz.run --time $(FUZZ_TIME) $(FUZZ_ARGS)
+
 clean:
 	rm -rf $(VENV) demo build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 

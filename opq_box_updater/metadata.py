@@ -38,7 +38,9 @@ CHANNEL_PATTERN = re.compile(r"version(-[A-Za-z0-9_]+)?\.json")
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX128 = re.compile(r"[0-9a-f]{128}")
-_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})Z")
+#: ASCII digits only: ``\d`` would also match Arabic-Indic or fullwidth digits, which int()
+#: reads, so ``٢٠٢٦-01-31T12:00:00Z`` parsed as 2026 (docs/reliability.md, "Fuzzing").
+_TIME = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})Z")
 
 
 # --- canonical JSON ------------------------------------------------------------------------
