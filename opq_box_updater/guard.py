@@ -14,7 +14,8 @@ runs a script again that had started before a power cut), and exits with the scr
 so that dpkg fails too. The script gets the runner's minimal environment plus the ``OPQ_*``
 variables dpkg passed on from the updater and ``DPKG_ROOT``; it runs in its own session, and
 a SIGTERM to the guard (the updater's timeout stopping dpkg's session) stops the script's
-session too before the guard exits.
+session too before the guard exits. The guard is a child subreaper: what the script detaches
+is reported with the script's output, and stopped with its session.
 Otherwise it records ``skipped`` and exits 0: dpkg's own failure is what fails the apply.
 
 The command line is a contract between versions: an update that upgrades opq-box-updater
@@ -38,7 +39,7 @@ from pathlib import Path
 
 from .errors import SubprocessError
 from .fsutil import fsync_dir
-from .runner import GRACE_SECONDS, child_env, run
+from .runner import GRACE_SECONDS, become_subreaper, child_env, run
 
 #: The variables of DESIGN 3.2 the guard passes on to the run script from its environment.
 OPQ_VARS = ("OPQ_UPDATE_VERSION", "OPQ_PREVIOUS_VERSION", "OPQ_UPDATE_DIR")
@@ -212,6 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The updater's timeout stops dpkg's session with SIGTERM: exit through the runner, which
     # then stops the run script's own session as well.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    # What the run script detaches (setsid, double fork) is re-parented to the guard, which
+    # reports it, and stops it with the script's session on a timeout or SIGTERM.
+    become_subreaper()
     expected = _expectations(args.expect)
     try:
         reasons = not_installed(expected, query_packages(args.dpkg_root, expected))

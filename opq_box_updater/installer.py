@@ -62,7 +62,7 @@ from .guard import (
     run_recorded,
 )
 from .rollbackcache import RollbackCache
-from .runner import Result, run, tail
+from .runner import Result, run, stop_leftovers, tail
 
 __all__ = ["APT_CONFIG_FILE", "RUN_STATUS_FILE", "Installer", "UpdatePlan", "cache_name",
            "dpkg_locks"]
@@ -225,11 +225,13 @@ class Installer:
         the previous version of what changed or was removed, from ``<state_dir>/debs/`` or
         apt's archive cache. Without ``before`` (an older journal) only ``previous``
         (package -> version, None: not installed) is restored. The box's pre-/post-invoke
-        hooks run; the run script does not. Returns a label for each package dpkg-query does
-        not show restored afterwards (each is logged by name); never raises for a failed
-        restore."""
+        hooks run; the run script does not. First, what the update's steps left running
+        (:func:`~opq_box_updater.runner.stop_leftovers`) is stopped. Returns a label for
+        each package dpkg-query does not show restored afterwards (each is logged by name);
+        never raises for a failed restore."""
         # Only ``previous``, ``before`` and the plan's version numbers matter: after a crash
         # the plan may be rebuilt from the journal without its files.
+        stop_leftovers()  # nothing the failed release started keeps running on the old one
         env = self.commands.env(plan)
         baseline = decode_states(before) if before else None
         scope = tuple(scope) if scope is not None else None

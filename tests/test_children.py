@@ -9,13 +9,15 @@ import os
 import pwd
 import signal
 import stat
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from debs import init_dpkg_root, require_tool
 from test_installer import HOOK_DIRS, Sandbox, _v2
-from test_runner import HOSTILE, _alive, _wait_gone
+from test_runner import DOUBLE_FORK, HOSTILE, _alive, _exists, _wait_gone, as_subreaper
 
 from opq_box_updater import guard
 from opq_box_updater.config import Config
@@ -34,6 +36,12 @@ def sandbox(tmp_path: Path) -> Sandbox:
                     download_dir_path=tmp_path / "downloads")
     config.hooks_dir.mkdir()
     return Sandbox(tmp_path, config)
+
+
+@pytest.fixture
+def reaper() -> Iterator[None]:
+    """The test process is a child subreaper, as ``opq-box-updater`` makes itself."""
+    yield from as_subreaper()
 
 
 def _pid_from(path: Path) -> int:
@@ -90,6 +98,79 @@ def test_a_daemon_started_in_the_background_does_not_fail_the_step(
     finally:
         if pidfile.exists() and _alive(int(pidfile.read_text())):
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+
+# --- what leaves the session (the updater and the guard are child subreapers) ------------
+
+
+def test_a_run_script_daemon_that_left_its_session_is_reported(
+        sandbox: Sandbox, reaper: None, caplog: pytest.LogCaptureFixture) -> None:
+    """``setsid sleep 60 &`` in the run script: the guard reports it with the script's
+    output; when the guard exits it is re-parented to the updater, which reports it after
+    dpkg. The step succeeds and the daemon keeps running (the same policy as in-session)."""
+    pidfile = sandbox.base / "daemon.pid"
+    plan = sandbox.plan(2, [sandbox.deb("a", "2.0")],
+                        run=f"setsid sleep 60 & echo $! > {pidfile}")
+    sandbox.installer(timeout=20, script_timeout=20).apply(plan)
+    pid = _pid_from(pidfile)
+    try:
+        assert sandbox.installed() == {"a": "2.0"}
+        assert _alive(pid)
+        status = guard.read_status(plan.status_file)
+        assert status is not None and status.succeeded
+        assert f"left running: {pid} " in status.detail
+        assert f"left processes running: {pid} " in caplog.text  # the updater, after dpkg
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_detached_process_of_a_hook_that_times_out_is_stopped(
+        sandbox: Sandbox, reaper: None) -> None:
+    pidfile = sandbox.base / "detached.pid"
+    sandbox.hook("health.d", "10-hang",
+                 f"setsid -f sh -c 'echo $$ > {pidfile}; exec sleep 300'; sleep 300")
+    plan = sandbox.plan(2, [], run="true")
+    with pytest.raises(ApplyError, match=r"a health\.d hook failed: run-parts timed out"):
+        sandbox.installer(script_timeout=2).apply(plan)
+    pid = _pid_from(pidfile)
+    assert _wait_gone(pid)
+    assert not _exists(pid)  # and reaped: no zombie
+
+
+def test_a_double_fork_daemon_of_the_run_script_goes_with_the_dpkg_timeout(
+        sandbox: Sandbox, reaper: None) -> None:
+    """The guard (SIGTERMed by the updater's timeout) stops the script's session and what
+    the script detached; nothing of it survives on the box that is then rolled back."""
+    pidfile = sandbox.base / "daemon.pid"
+    run = f"{sys.executable} -c '{DOUBLE_FORK}' {pidfile} polite; exec sleep 300"
+    plan = sandbox.plan(2, [sandbox.deb("a", "2.0")], run=run)
+    with pytest.raises(ApplyError, match="dpkg timed out after 3s"):
+        sandbox.installer(timeout=3).apply(plan)
+    pid = _pid_from(pidfile)
+    assert _wait_gone(pid)
+    assert not _exists(pid)
+
+
+def test_a_daemon_the_failed_release_started_does_not_survive_the_rollback(
+        sandbox: Sandbox, reaper: None) -> None:
+    """dpkg succeeded, so the postinst's detached daemon was only reported; the health
+    check then fails and the rollback stops it before restoring release 1."""
+    sandbox.install_v1()
+    pidfile = sandbox.base / "daemon.pid"
+    daemon = f"setsid -f sh -c 'echo $$ > {pidfile}; exec sleep 300'\n"
+    plan = sandbox.plan(2, [sandbox.deb("a", "2.0", postinst=daemon)], run="true",
+                        healthcheck="exit 1")
+    installer = sandbox.installer()
+    previous = installer.snapshot(plan)
+    with pytest.raises(ApplyError, match=r"health check healthcheck\.sh failed"):
+        installer.apply(plan)
+    pid = _pid_from(pidfile)
+    assert _alive(pid)  # a successful step's daemon is reported, not killed
+    assert installer.rollback(plan, previous) == ()
+    assert sandbox.installed() == {"a": "1.0"}
+    assert _wait_gone(pid)
+    assert not _exists(pid)
 
 
 # --- hooks are root's -------------------------------------------------------------------

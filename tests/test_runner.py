@@ -7,6 +7,7 @@ No assertion on wall-clock durations beyond "well before the background sleep wo
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -44,6 +45,54 @@ def _wait_gone(pid: int, seconds: float = 30) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def as_subreaper() -> Iterator[None]:
+    """Make the test process a child subreaper, as the updater's CLI and the guard make
+    themselves; afterwards stop what tests left running and drop the flag."""
+    assert runner.become_subreaper() and runner.is_subreaper()
+    try:
+        yield
+    finally:
+        runner.stop_leftovers(grace=1)
+        ctypes.CDLL(None).prctl(runner.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+@pytest.fixture
+def subreaper() -> Iterator[None]:
+    yield from as_subreaper()
+
+
+def _pid_in(path: Path, seconds: float = 30) -> int:
+    """The pid a child wrote to ``path``, once it is there."""
+    deadline = time.monotonic() + seconds
+    while not (path.exists() and path.read_text().strip()):
+        assert time.monotonic() < deadline, f"{path} never written"
+        time.sleep(0.05)
+    return int(path.read_text().split()[0])
+
+
+def _exists(pid: int) -> bool:
+    """True while ``/proc/PID`` exists: alive, or a zombie nobody reaped."""
+    return Path(f"/proc/{pid}").exists()
+
+
+#: A double-fork daemon (fork, setsid, fork, the first child exits): writes its pid to
+#: argv[1] and sleeps; with argv[2] == "stubborn" it ignores SIGTERM.
+DOUBLE_FORK = """
+import os, signal, sys, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        if sys.argv[2] == "stubborn":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with open(sys.argv[1] + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+        time.sleep(300)
+    os._exit(0)
+os.wait()
+"""
 
 
 @pytest.fixture
@@ -145,3 +194,66 @@ def test_output_is_read_to_its_end_bounded() -> None:
 def test_a_missing_program_is_a_subprocess_error(tmp_path: Path) -> None:
     with pytest.raises(SubprocessError, match="cannot run"):
         runner.run([tmp_path / "nope"])
+
+
+# --- what leaves the session: the subreaper ----------------------------------------------
+
+
+def test_a_process_that_left_the_session_is_reported_after_success(
+        subreaper: None, tmp_path: Path, pids: list[int],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``setsid -f`` escapes the session; re-parented to us, it is reported like the other
+    leftovers, and a successful step is not failed for it (a postinst may start a daemon)."""
+    pidfile = tmp_path / "daemon.pid"
+    caplog.set_level(logging.WARNING, logger="opq_box_updater.runner")
+    result = runner.run(["sh", "-c", f"setsid -f sh -c 'echo $$ > {pidfile}; exec sleep 60'; "
+                                     f"while [ ! -s {pidfile} ]; do sleep 0.05; done"],
+                        timeout=30)
+    pids.append(_pid_in(pidfile))
+    assert result.returncode == 0
+    assert _alive(pids[0])
+    assert [line.split()[0] for line in result.leftovers] == [str(pids[0])]
+    assert result.leftovers[0].endswith("(left its session)")
+    assert f"left processes running: {pids[0]} " in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["polite", "stubborn"])
+def test_a_double_fork_daemon_is_stopped_with_the_step_that_timed_out(
+        subreaper: None, tmp_path: Path, pids: list[int], kind: str) -> None:
+    """The daemon is in a session of its own and its parent is gone: still stopped, after
+    SIGTERM or (ignoring it) SIGKILL after the grace period, and named; no zombie stays."""
+    pidfile = tmp_path / "daemon.pid"
+    with pytest.raises(SubprocessError, match="sh timed out after 2s") as info:
+        runner.run(["sh", "-c", f"{sys.executable} -c '{DOUBLE_FORK}' {pidfile} {kind}; "
+                                "echo detached; sleep 300"], timeout=2, grace=1)
+    pids.append(_pid_in(pidfile))
+    assert _wait_gone(pids[0])
+    assert not _exists(pids[0])  # reaped by us, its new parent
+    if kind == "stubborn":
+        assert f"{pids[0]} {sys.executable} -c" in str(info.value)
+        assert "(left its session)" in str(info.value)
+
+
+def test_detached_processes_that_end_leave_no_zombies(subreaper: None, tmp_path: Path) -> None:
+    """Short-lived detached helpers end as our zombies: the next step reaps them."""
+    pidfile = tmp_path / "helpers"
+    script = "".join(f"setsid -f sh -c 'echo $$ >> {pidfile}; sleep 0.3'; " for _ in range(3))
+    runner.run(["sh", "-c", script + f"while [ $(wc -l < {pidfile}) -lt 3 ]; do sleep 0.05; "
+                                     "done"], timeout=30)
+    helpers = [int(line) for line in pidfile.read_text().split()]
+    assert all(_wait_gone(pid) for pid in helpers)  # ended: zombies until someone reaps
+    runner.run(["true"])
+    assert [pid for pid in helpers if _exists(pid)] == []
+
+
+def test_stop_leftovers_stops_what_steps_left_running(subreaper: None, tmp_path: Path,
+                                                      pids: list[int]) -> None:
+    """Before a rollback: what a successful step left (in its session or detached) goes."""
+    inside, detached = tmp_path / "inside.pid", tmp_path / "detached.pid"
+    runner.run(["sh", "-c", f"sleep 60 & echo $! > {inside}; "
+                            f"setsid -f sh -c 'echo $$ > {detached}; exec sleep 60'; "
+                            f"while [ ! -s {detached} ]; do sleep 0.05; done"])
+    pids.extend([_pid_in(inside), _pid_in(detached)])
+    assert all(_alive(pid) for pid in pids)
+    assert runner.stop_leftovers(grace=5) == []
+    assert [pid for pid in pids if _exists(pid)] == []
