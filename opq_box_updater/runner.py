@@ -71,6 +71,9 @@ PR_GET_CHILD_SUBREAPER = 37
 #: What a process left running and that was not stopped since: pid -> start time (clock
 #: ticks after boot), so that a pid reused by an unrelated process is never signalled.
 _LEFT: dict[int, int] = {}
+#: The sessions steps ran in or left processes in: a zombie child of this process in one of
+#: them is an adopted leftover that ended, never a child someone else started.
+_SESSIONS: set[int] = set()
 
 
 @dataclass(frozen=True)
@@ -265,8 +268,14 @@ def _reap_zombies(procs: Iterable[Proc], known: frozenset[int], child: int | Non
 
 
 def reap() -> None:
-    """Reap the zombies of leftovers that ended since (a subreaper collects them)."""
-    _reap_zombies(processes(), frozenset(_LEFT), None)
+    """Reap the zombies of leftovers that ended since (a subreaper inherits them): the
+    remembered ones and what they started in their sessions; no other child is touched."""
+    me = os.getpid()
+    for proc in processes():
+        if proc.ppid == me and proc.zombie and (proc.pid in _LEFT or proc.sid in _SESSIONS):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(proc.pid, os.WNOHANG)
+            _LEFT.pop(proc.pid, None)
 
 
 def _step_processes(procs: list[Proc], sid: int, known: frozenset[int]) -> list[Proc]:
@@ -278,6 +287,19 @@ def _step_processes(procs: list[Proc], sid: int, known: frozenset[int]) -> list[
     sessions = {sid} | {p.sid for p in adopted if p.sid != mine}
     found = {p.pid: p for p in procs if p.sid in sessions and not p.zombie}
     found.update((p.pid, p) for p in adopted if not p.zombie)
+    return _with_descendants(procs, found)
+
+
+def _with_descendants(procs: list[Proc], found: dict[int, Proc]) -> list[Proc]:
+    """``found`` and every live descendant of it (by parent pid): one that made a session of
+    its own while its parent still lives is not ours yet, but is the step's."""
+    grown = True
+    while grown:
+        grown = False
+        for proc in procs:
+            if proc.ppid in found and proc.pid not in found and not proc.zombie:
+                found[proc.pid] = proc
+                grown = True
     return sorted(found.values(), key=lambda p: p.pid)
 
 
@@ -289,6 +311,8 @@ def _leftovers(sid: int, known: frozenset[int]) -> tuple[str, ...]:
     left = _step_processes(procs, sid, known)
     for proc in left:
         _LEFT[proc.pid] = proc.start
+        if proc.sid != os.getsid(0):
+            _SESSIONS.add(proc.sid)
     return tuple(_describe(p, sid) for p in left)
 
 
@@ -374,12 +398,13 @@ def stop_leftovers(grace: float = GRACE_SECONDS) -> list[str]:
         found.update((p.pid, p) for p in procs
                      if p.ppid == me and p.pid not in known and not p.zombie)
         found.update((p.pid, p) for p in left)
-        return sorted(found.values(), key=lambda p: p.pid)
+        return _with_descendants(procs, found)
 
     if _LEFT:
         logger.info("stopping what the update left running: %s",
                     "; ".join(describe(pid) for pid in sorted(_LEFT)))
     alive = _stop(find, lambda: True, grace, None)
     _reap_zombies(processes(), known, None)
+    reap()
     _LEFT.clear()
     return alive
