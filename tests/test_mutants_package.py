@@ -1,0 +1,136 @@
+"""Limits of package.py that mutation testing (make mutate) showed untested: each test here
+failed against at least one surviving mutant (a bound moved by one, a check weakened)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import test_package
+from test_package import assert_refused, make_zip, tree
+
+from opq_box_updater import package
+from opq_box_updater.errors import UnsafePackageError
+from opq_box_updater.package import extract_package
+
+parent = test_package.parent  # the download directory fixture
+
+MiB = 1024 * 1024
+
+
+# --- member names --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a b", " lead", "trail ", "x~y", "é"])
+def test_blanks_and_printable_names_are_extracted(tmp_path: Path, parent: Path,
+                                                  name: str) -> None:
+    dest = extract_package(make_zip(tmp_path / "p.zip", [(name, "x")]), parent,
+                           max_unpacked_bytes=MiB)
+    assert (dest / name).read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("char", ["\x7f", "\x1f", "\x01", "\n"])
+def test_control_characters_and_del_are_refused(tmp_path: Path, parent: Path,
+                                                char: str) -> None:
+    assert_refused(make_zip(tmp_path / "p.zip", [(f"a{char}b", "x")]), parent,
+                   "control character")
+
+
+def test_name_and_component_lengths_are_exact(tmp_path: Path, parent: Path) -> None:
+    """255-byte components and 1024-byte names are extracted; one byte more is refused."""
+    longest = "/".join(["c" * 255] * 3 + ["d" * 254, "e"])  # 1020 + 4 slashes
+    assert len(longest) == package.MAX_NAME_BYTES
+    dest = extract_package(make_zip(tmp_path / "ok.zip", [(longest, "x")]), parent,
+                           max_unpacked_bytes=MiB)
+    assert (dest / longest).is_file()
+    parent = tmp_path / "refused"
+    parent.mkdir()
+    assert_refused(make_zip(tmp_path / "name.zip", [(longest + "d", "x")]), parent,
+                   "longer than 1024")
+    assert_refused(make_zip(tmp_path / "part.zip", [("c" * 256, "x")]), parent,
+                   "component longer than 255")
+
+
+def test_central_directory_cap_is_on_its_size_not_its_offset(tmp_path: Path,
+                                                             parent: Path) -> None:
+    """A few members far into a large archive: the cap counts central directory bytes only."""
+    data = bytes(range(256)) * (12 * 1024)  # 3 MiB, stored: the directory starts past it
+    zip_path = make_zip(tmp_path / "big.zip", [("big.bin", data)], zipfile.ZIP_STORED)
+    dest = extract_package(zip_path, parent, max_unpacked_bytes=8 * MiB, max_members=1)
+    assert (dest / "big.bin").stat().st_size == len(data)
+
+
+# --- .deb control archives -----------------------------------------------------------------
+
+
+def _tar_gz(members: list[tuple[str, bytes]]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def _ar(members: list[tuple[str, bytes]]) -> bytes:
+    out = b"!<arch>\n"
+    for name, data in members:
+        out += (f"{name + '/':<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n").encode()
+        out += data + (b"\n" if len(data) % 2 else b"")
+    return out
+
+
+CONTROL = b"Package: hello\nVersion: 1.0\nArchitecture: all\n"
+
+
+def _deb(path: Path, control_members: list[tuple[str, bytes]]) -> Path:
+    """A .deb made by hand: dpkg-deb would not write the hostile control archives."""
+    path.write_bytes(_ar([("debian-binary", b"2.0\n"),
+                          ("control.tar.gz", _tar_gz(control_members)),
+                          ("data.tar.gz", _tar_gz([]))]))
+    return path
+
+
+def test_control_member_cap_is_exact(tmp_path: Path) -> None:
+    """The control file as the 100th member is read; as the 101st it is not looked for."""
+    fillers = [(f"./f{i}", b"") for i in range(package.MAX_CONTROL_MEMBERS - 1)]
+    ok = _deb(tmp_path / "ok.deb", [*fillers, ("./control", CONTROL)])
+    assert package.read_deb(ok, "ok.deb").package == "hello"
+    late = _deb(tmp_path / "late.deb", [*fillers, ("./g", b""), ("./control", CONTROL)])
+    with pytest.raises(UnsafePackageError, match="has no control file"):
+        package.read_deb(late, "late.deb")
+
+
+def test_control_file_size_cap_is_exact(tmp_path: Path) -> None:
+    """A control file of exactly MAX_CONTROL_BYTES is read; one byte more is refused."""
+    pad = package.MAX_CONTROL_BYTES - len(CONTROL) - len(b"Description: x\n")
+    body = CONTROL + b"Description: x\n" + b" " + b"y" * (pad - 2) + b"\n"
+    assert len(body) == package.MAX_CONTROL_BYTES
+    ok = _deb(tmp_path / "ok.deb", [("./control", body)])
+    assert package.read_deb(ok, "ok.deb").version == "1.0"
+    big = _deb(tmp_path / "big.deb", [("./control", body + b"z")])
+    with pytest.raises(UnsafePackageError, match="regular file of sane size"):
+        package.read_deb(big, "big.deb")
+
+
+@pytest.mark.parametrize("arch", ["amd64 ", "AMD64", "amd_64", "-amd64", "amd64/x"])
+def test_architecture_must_match_whole(tmp_path: Path, arch: str) -> None:
+    body = CONTROL.replace(b"Architecture: all", f"Architecture: {arch}".encode())
+    deb = _deb(tmp_path / "a.deb", [("./control", body)])
+    if arch.strip() != arch:  # deb822 strips the value: trailing blanks are harmless
+        assert package.read_deb(deb, "a.deb").architecture == arch.strip()
+        return
+    with pytest.raises(UnsafePackageError, match="Architecture"):
+        package.read_deb(deb, "a.deb")
+
+
+def test_nothing_left_beside_a_refused_deb(tmp_path: Path) -> None:
+    deb = _deb(tmp_path / "x.deb", [("./g", b"")])
+    before = tree(tmp_path)
+    with pytest.raises(UnsafePackageError):
+        package.read_deb(deb, "x.deb")
+    assert tree(tmp_path) == before
