@@ -62,5 +62,6 @@ def test_206_from_another_offset_starts_over(
     value = header.format(end=package.length - 1, length=package.length)
     server.set_fault(package.relpath, Fault(headers={"Content-Range": value}, times=1))
     assert get_package(server, package, dest).read_bytes() == package.data
-    assert [r.headers.get("Range") for r in server.log] == ["bytes=1000-", None]
+    # the refused answer may be logged after the new request: compare without order
+    assert sorted(str(r.headers.get("Range")) for r in server.log) == ["None", "bytes=1000-"]
 
