@@ -7,7 +7,11 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 BASE_DEBS := python3 python3-venv python3-requests python3-cryptography python3-debian \
 	python3-setuptools python3-wheel dpkg-dev
-TEST_DEBS := $(BASE_DEBS) nginx-light curl fakeroot logrotate util-linux mount faketime
+# systemd-tmpfiles (the tmpfiles.d test): from systemd where it is installed, else the
+# standalone package (which conflicts with systemd, so it is never asked for beside it).
+TMPFILES_DEB := $(if $(shell command -v systemd-tmpfiles 2>/dev/null),,systemd-standalone-tmpfiles)
+TEST_DEBS := $(BASE_DEBS) nginx-light curl fakeroot logrotate util-linux mount faketime \
+	$(TMPFILES_DEB)
 DEB_BUILD_DEBS := debhelper dh-python python3-all po-debconf lintian
 INSTALL_TEST_DEBS := mmdebstrap
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
