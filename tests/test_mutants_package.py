@@ -134,3 +134,32 @@ def test_nothing_left_beside_a_refused_deb(tmp_path: Path) -> None:
     with pytest.raises(UnsafePackageError):
         package.read_deb(deb, "x.deb")
     assert tree(tmp_path) == before
+
+
+# --- what the package holds ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [package.RUN_STATUS_FILE, package.APT_CONFIG_FILE])
+def test_updater_file_names_are_reserved(tmp_path: Path, parent: Path, name: str) -> None:
+    assert_refused(make_zip(tmp_path / "p.zip", [(name, "{}"), ("a", "x")]), parent,
+                   "reserved")
+
+
+def test_unlisted_deb_is_found_whatever_its_case_but_not_as_a_directory(
+        tmp_path: Path) -> None:
+    good = {"format": 1, "version": 3, "debs": ["a_1.0_all.deb"], "run": None,
+            "healthcheck": None}
+    root = test_package.write_package(tmp_path / "x", good, ["a_1.0_all.deb"])
+    (root / "dir.deb").mkdir()
+    assert package.load_manifest(root, 3).debs == ("a_1.0_all.deb",)
+    (root / "sub").mkdir()
+    (root / "sub" / "EXTRA.DEB").write_text("x")
+    with pytest.raises(UnsafePackageError, match=r"EXTRA\.DEB"):
+        package.load_manifest(root, 3)
+
+
+def test_health_check_made_executable_without_a_run_script(tmp_path: Path) -> None:
+    root = test_package.write_package(tmp_path / "x", {}, ["check.sh", "other"])
+    manifest = package.Manifest(1, 3, (), None, "check.sh")
+    package.prepare_scripts(root, manifest)
+    assert (root / "check.sh").stat().st_mode & 0o777 == 0o700
