@@ -450,6 +450,10 @@ def updater_deb(out_dir: Path, version: str) -> Path:
         if rel == "opq_box_updater/__init__.py":
             text, n = re.subn(r'__version__ = "[^"]*"', f'__version__ = "{version}"', text)
             assert n == 1
+            # Sizes differ from build to build: debs built within one second give the same
+            # mtime, and Python would then take a child's cached bytecode of the previous
+            # version for this one (Debian's py3compile/py3clean handle this for real debs).
+            text += f"# build {version} {'.' * int(version.split('.')[0])}\n"
         elif rel == "opq_box_updater/guard.py":
             assert "    args = parser.parse_args(argv)\n" in text
             text = text.replace("    args = parser.parse_args(argv)\n", GUARD_MARK, 1)
