@@ -100,6 +100,11 @@ def unsafe_dir_reason(path: Path) -> str | None:
         return "is a symbolic link"
     if not stat.S_ISDIR(st.st_mode):
         return "is not a directory"
+    return _owner_reason(st)
+
+
+def _owner_reason(st: os.stat_result) -> str | None:
+    """Owned by the effective user and writable by nobody else, or why not."""
     if st.st_uid != os.geteuid():
         return f"is owned by uid {st.st_uid}, not by uid {os.geteuid()}"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
@@ -135,8 +140,4 @@ def unsafe_file_reason(path: Path, inside: Path) -> str | None:
         return None if why is None else f"links to {target}, which {why}"
     if not stat.S_ISREG(st.st_mode):
         return "is not a regular file"
-    if st.st_uid != os.geteuid():
-        return f"is owned by uid {st.st_uid}, not by uid {os.geteuid()}"
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
-    return None
+    return _owner_reason(st)

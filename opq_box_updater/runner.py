@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from .errors import SubprocessError
 
@@ -210,15 +210,22 @@ def session_members(sid: int) -> list[int]:
     return sorted(p.pid for p in processes() if p.sid == sid and not p.zombie)
 
 
+def _prctl() -> Any:
+    """libc's ``prctl`` (Linux only), or None where it cannot be had."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
 def become_subreaper() -> bool:
     """Make this process a child subreaper, so that descendants which detach (``setsid``,
     double fork) are re-parented to it instead of init and stay visible and stoppable.
     Linux only; elsewhere, or when the call fails, returns False and nothing changes."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
+    prctl = _prctl()
+    if prctl is None:
         return False
     if prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         logger.warning("cannot become a child subreaper: %s", os.strerror(ctypes.get_errno()))
@@ -228,11 +235,8 @@ def become_subreaper() -> bool:
 
 def is_subreaper() -> bool:
     """True when this process is a child subreaper (always False off Linux)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
+    prctl = _prctl()
+    if prctl is None:
         return False
     flag = ctypes.c_int(0)
     return bool(prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and flag.value)
