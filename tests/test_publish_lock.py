@@ -6,6 +6,7 @@ writing."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import subprocess
 import sys
@@ -138,3 +139,35 @@ def test_another_process_holding_the_lock_stops_a_release_after_the_wait(
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the steps, too
     finally:
         os.close(fd)
+
+
+def test_what_is_signed_is_the_copy_that_was_checked(
+        work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The source zip is swapped (another version, a hostile file) while the publisher checks
+    it: the release must name exactly the bytes that were checked, read once."""
+    original = (work / "v2.zip").read_bytes()
+    real = repo.inspect_package
+
+    def swap_source_then_inspect(path: Path) -> Any:
+        (work / "v2.zip").write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty, different zip
+        return real(path)
+
+    monkeypatch.setattr(repo, "inspect_package", swap_source_then_inspect)
+    release = repo.publish_release(work / "repo", work / "keys", work / "v2.zip", now=NOW)
+    stored = (work / "repo" / release.package.path).read_bytes()
+    assert stored == original
+    assert release.package.sha256 == hashlib.sha256(original).hexdigest()
+
+
+def test_a_refused_package_leaves_nothing_in_the_repository(work: Path) -> None:
+    before = sorted(p.name for p in (work / "repo/packages").iterdir())
+    version_json = (work / "repo/version.json").read_bytes()
+    with pytest.raises(PublishError, match="not newer"):
+        repo.publish_release(work / "repo", work / "keys", work / "v1.zip", now=NOW)
+    (work / "bad.zip").write_bytes(b"not a zip")
+    with pytest.raises(PublishError, match="refusing to publish"):
+        repo.publish_release(work / "repo", work / "keys", work / "bad.zip", now=NOW)
+    with pytest.raises(PublishError, match="no such file"):
+        repo.publish_release(work / "repo", work / "keys", work / "gone.zip", now=NOW)
+    assert sorted(p.name for p in (work / "repo/packages").iterdir()) == before
+    assert (work / "repo/version.json").read_bytes() == version_json

@@ -12,6 +12,7 @@ the demo with an injected ``now``. Guarantees shared by all of them:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -19,7 +20,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -296,18 +297,31 @@ def init_repo(repo: Path, keydir: Path, *, root_keys: int = 1, root_threshold: i
 # --- release and refresh -------------------------------------------------------------------
 
 
-def store_package(repo: Path, package_zip: Path) -> PackageRef:
-    """Copy a package to ``packages/<sha256>.zip`` (streamed, fsynced, renamed into place).
+@contextlib.contextmanager
+def store_package(repo: Path, package_zip: Path) -> Iterator[tuple[Path, PackageRef]]:
+    """Stage a package for ``packages/<sha256>.zip``: yield a private copy and its reference.
 
-    An identical package already there is kept; a corrupt one with that name is replaced.
+    The copy is streamed once (hashed on the way, fsynced) into a temporary file of the
+    packages folder that only this process made; the caller checks *that* file, so what is
+    signed is exactly what was checked, and the source is read only once. Leaving the block
+    normally renames the copy into place (an identical package already there is kept, a
+    corrupt one with that name replaced); an error removes it.
     """
+    try:
+        src = package_zip.open("rb")
+    except FileNotFoundError:
+        raise PublishError(f"{package_zip}: no such file") from None
     folder = repo / PACKAGES_DIR
     folder.mkdir(exist_ok=True)
     digest = hashlib.sha256()
     length = 0
-    fd, tmp = tempfile.mkstemp(prefix=".package.", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as dst, package_zip.open("rb") as src:
+        fd, tmp = tempfile.mkstemp(prefix=".package.", suffix=".tmp", dir=folder)
+    except BaseException:
+        src.close()
+        raise
+    try:
+        with os.fdopen(fd, "wb") as dst, src:
             while chunk := src.read(CHUNK):
                 digest.update(chunk)
                 length += len(chunk)
@@ -316,6 +330,7 @@ def store_package(repo: Path, package_zip: Path) -> PackageRef:
             os.fchmod(dst.fileno(), 0o644)
             os.fsync(dst.fileno())
         sha = digest.hexdigest()
+        yield Path(tmp), PackageRef(f"{PACKAGES_DIR}/{sha}.zip", sha, length)
         final = folder / f"{sha}.zip"
         if final.is_file() and sha256_file(final) == (sha, length):
             os.unlink(tmp)
@@ -326,7 +341,6 @@ def store_package(repo: Path, package_zip: Path) -> PackageRef:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return PackageRef(f"{PACKAGES_DIR}/{sha}.zip", sha, length)
 
 
 @_locked
@@ -348,36 +362,29 @@ def publish_release(repo: Path, keydir: Path, package_zip: Path, *,
     _check_keydir(repo, keydir)
     if not 0 <= rollout <= 100:
         raise PublishError(f"rollout must be between 0 and 100, not {rollout}")
-    try:
-        manifest = inspect_package(package_zip)
-    except UnsafePackageError as exc:
-        raise PublishError(f"refusing to publish {package_zip}: {exc}") from None
     root = load_chain(repo)[-1]
     _check_root_usable(root, now)
-    current = _current_release(repo, version_file, force)
-    if current is not None and manifest.version <= current.version:
-        if not force:
-            raise PublishError(
-                f"{version_file} already publishes v{current.version}; v{manifest.version} is "
-                "not newer (boxes would refuse it as a rollback); build a higher --version")
-        if manifest.version < current.version:
-            logger.warning("boxes that saw v%d will refuse v%d as a rollback until a release "
-                           "key rotation resets their floor", current.version, manifest.version)
-    store = KeyStore(keydir, passphrase)
-    # Fail on missing keys, and on a document boxes would refuse as too large, before
-    # copying anything into the repository (the size depends on the digest's length only).
-    length = package_zip.stat().st_size
-    _sign_release(root, store, release_signed(
-        version=manifest.version, root_version=root.version, channel=version_file, issued=now,
-        expires=now + expires, package=PackageRef(f"{PACKAGES_DIR}/{'0' * 64}.zip", "0" * 64,
-                                                  length), rollout=rollout, notes=notes), now)
-    package = store_package(repo, package_zip)
-    if inspect_package(repo / package.path) != manifest:  # what is signed is what was checked
-        raise PublishError(f"{package_zip} changed while it was being published; try again")
-    signed = release_signed(version=manifest.version, root_version=root.version,
-                            channel=version_file, issued=now, expires=now + expires,
-                            package=package, rollout=rollout, notes=notes)
-    data = _sign_release(root, store, signed, now)
+    with store_package(repo, package_zip) as (staged, package):
+        try:
+            manifest = inspect_package(staged)
+        except UnsafePackageError as exc:
+            raise PublishError(f"refusing to publish {package_zip}: {exc}") from None
+        current = _current_release(repo, version_file, force)
+        if current is not None and manifest.version <= current.version:
+            if not force:
+                raise PublishError(
+                    f"{version_file} already publishes v{current.version}; v{manifest.version} "
+                    "is not newer (boxes would refuse it as a rollback); build a higher --version")
+            if manifest.version < current.version:
+                logger.warning("boxes that saw v%d will refuse v%d as a rollback until a release "
+                               "key rotation resets their floor", current.version, manifest.version)
+        store = KeyStore(keydir, passphrase)
+        signed = release_signed(version=manifest.version, root_version=root.version,
+                                channel=version_file, issued=now, expires=now + expires,
+                                package=package, rollout=rollout, notes=notes)
+        # Missing keys, or a document boxes would refuse as too large, fail here: before the
+        # package is renamed into the repository.
+        data = _sign_release(root, store, signed, now)
     _check_unchanged(repo, version_file, current)
     atomic_write(repo / version_file, data)
     _warn_expiry(root, now, now + expires)
