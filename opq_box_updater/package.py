@@ -71,6 +71,10 @@ _FILE_TYPES = {stat.S_IFLNK: "a symlink", stat.S_IFCHR: "a character device",
                stat.S_IFBLK: "a block device", stat.S_IFIFO: "a fifo", stat.S_IFSOCK: "a socket"}
 
 _MANIFEST_KEYS = frozenset({"format", "version", "debs", "run", "healthcheck"})
+#: Optional keys beyond DESIGN 2.4's five (written only when used, so that a package without
+#: them is still accepted by older boxes, which want exactly the five).
+APT_ALLOW_REMOVE = "apt_allow_remove"
+_OPTIONAL_MANIFEST_KEYS = frozenset({APT_ALLOW_REMOVE})
 # Debian policy 5.6.1 / 5.6.12; anything else could confuse the dpkg-query guard and logs.
 _PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 _VERSION_RE = re.compile(r"(?:[0-9]+:)?[0-9][A-Za-z0-9.+~-]*")
@@ -86,6 +90,9 @@ class Manifest:
     debs: tuple[str, ...]
     run: str | None
     healthcheck: str | None
+    #: Installed packages apt may remove while applying (``installer: apt``; as apt names
+    #: them, ``name`` or ``name:arch``); apt wanting to remove anything else postpones.
+    apt_allow_remove: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -331,9 +338,10 @@ def copy_bounded(src: IO[bytes], dst: IO[bytes], *, name: str, declared: int,
 def load_manifest(extract_dir: Path, expected_version: int) -> Manifest:
     """Read and check ``manifest.json`` of an extracted package (DESIGN 2.4).
 
-    Refuses (:class:`UnsafePackageError`) anything but exactly the five keys with the right
-    JSON types, ``format`` 1, a ``version`` other than ``expected_version`` (a correctly
-    signed package of another release), and names that are not plain files of the package.
+    Refuses (:class:`UnsafePackageError`) anything but the five keys of DESIGN 2.4 (plus the
+    optional ``apt_allow_remove``: a list of distinct package names) with the right JSON
+    types, ``format`` 1, a ``version`` other than ``expected_version`` (a correctly signed
+    package of another release), and names that are not plain files of the package.
     Other files in the package are allowed and logged: the run script runs in the
     extraction directory and may use data files shipped next to it (the seed's behaviour);
     but a ``.deb`` anywhere in the package that the manifest does not list is refused
@@ -347,10 +355,11 @@ def load_manifest(extract_dir: Path, expected_version: int) -> Manifest:
         _refuse(f"{MANIFEST_NAME} {exc}")
     if not isinstance(raw, dict):
         _refuse(f"{MANIFEST_NAME} is not a JSON object")
-    if raw.keys() != _MANIFEST_KEYS:
+    if not _MANIFEST_KEYS <= raw.keys() <= _MANIFEST_KEYS | _OPTIONAL_MANIFEST_KEYS:
         missing = sorted(_MANIFEST_KEYS - raw.keys())
-        extra = sorted(raw.keys() - _MANIFEST_KEYS)
+        extra = sorted(raw.keys() - _MANIFEST_KEYS - _OPTIONAL_MANIFEST_KEYS)
         _refuse(f"{MANIFEST_NAME} must have exactly the keys {sorted(_MANIFEST_KEYS)} "
+                f"and optionally {sorted(_OPTIONAL_MANIFEST_KEYS)} "
                 f"(missing {missing}, unknown {extra})")
     fmt, version = raw["format"], raw["version"]
     if type(fmt) is not int or fmt != MANIFEST_FORMAT:
@@ -366,7 +375,8 @@ def load_manifest(extract_dir: Path, expected_version: int) -> Manifest:
         format=fmt, version=version,
         debs=tuple(_named_file(extract_dir, "debs", name, ".deb") for name in debs),
         run=_optional_file(extract_dir, "run", raw["run"]),
-        healthcheck=_optional_file(extract_dir, "healthcheck", raw["healthcheck"]))
+        healthcheck=_optional_file(extract_dir, "healthcheck", raw["healthcheck"]),
+        apt_allow_remove=package_names(raw.get(APT_ALLOW_REMOVE, []), APT_ALLOW_REMOVE))
     named = [*manifest.debs, *(n for n in (manifest.run, manifest.healthcheck) if n)]
     if len(set(named)) != len(named):
         _refuse(f"{MANIFEST_NAME} names a file twice: {named}")
@@ -385,6 +395,20 @@ def load_manifest(extract_dir: Path, expected_version: int) -> Manifest:
         logger.info("package also contains %d unlisted entries: %s%s", len(others),
                     ", ".join(others[:10]), " ..." if len(others) > 10 else "")
     return manifest
+
+
+def package_names(names: Any, key: str) -> tuple[str, ...]:
+    """A list of distinct Debian package names, each optionally ``:arch``-qualified, as the
+    manifest's ``key`` (the publisher's ``build`` checks its options with it too)."""
+    if not isinstance(names, list):
+        _refuse(f"{MANIFEST_NAME}: {key} must be a list of package names")
+    for name in names:
+        base, colon, arch = name.partition(":") if isinstance(name, str) else ("", "", "")
+        if not _PACKAGE_RE.fullmatch(base) or (colon and not _ARCH_RE.fullmatch(arch)):
+            _refuse(f"{MANIFEST_NAME}: {key} entry {name!r} is not a package name")
+    if len(set(names)) != len(names):
+        _refuse(f"{MANIFEST_NAME}: {key} names a package twice")
+    return tuple(names)
 
 
 def _read_regular_file(path: Path, limit: int) -> bytes:
@@ -559,5 +583,8 @@ def describe(manifest: Manifest, debs: Sequence[DebInfo]) -> list[str]:
         lines.append(f"  run script {manifest.run}: run directly")
     lines.append(f"  health check {manifest.healthcheck}" if manifest.healthcheck
                  else "  no health check in the package")
+    if manifest.apt_allow_remove:
+        lines.append("  with installer: apt, apt may remove "
+                     f"{', '.join(manifest.apt_allow_remove)}")
     return lines
 

@@ -57,11 +57,14 @@ class RollbackCache:
         """Before anything changes, make sure a rollback could be done, and return its scope:
         the packages the update may change (its own; with dpkg, the installed packages its
         debs' ``Conflicts`` or ``Replaces`` name, directly or through ``Provides``; with
-        apt, what the simulated transaction installs or upgrades). A rollback touches nothing
-        else. Every deb it may need is in ``<state_dir>/debs/`` and intact, copied from apt's
-        archive cache or, with ``installer: apt``, fetched with ``apt-get download``. Raises
-        :class:`PostponedError` when one is missing, when apt would remove packages, or when
-        a package in scope is on hold (the administrator's hold wins, as with apt)."""
+        apt, what the simulated transaction installs, upgrades or removes). A rollback
+        touches nothing else. Every deb it may need is in ``<state_dir>/debs/`` and intact,
+        copied from apt's archive cache or, with ``installer: apt``, fetched with
+        ``apt-get download``. Raises
+        :class:`PostponedError` when one is missing, when apt would remove a package the
+        manifest's ``apt_allow_remove`` does not list (one it lists is in scope: the rollback
+        reinstalls it), or when a package in scope is on hold (the administrator's hold
+        wins, as with apt)."""
         states = decode_states(before)
         others: dict[str, str] = {}
         scope = set(plan.targets)
@@ -69,10 +72,17 @@ class RollbackCache:
             return ()
         if self.config.installer == "apt":
             simulation = self._simulate(plan)
-            if simulation.removes:
+            allowed = set(plan.manifest.apt_allow_remove)
+            refused = sorted(set(simulation.removes) - allowed)
+            if refused:
                 raise PostponedError(
-                    f"apt would remove {', '.join(sorted(simulation.removes))} to apply "
-                    f"release {plan.version}; the updater never lets apt remove packages")
+                    f"apt would remove {', '.join(refused)} to apply release {plan.version}, "
+                    "and the release does not allow it (opq-box-publish build "
+                    "--apt-allow-remove)")
+            for name, version in simulation.removes.items():
+                # the rollback reinstalls it: its deb must be at hand before apt removes it
+                old = states.get(name)
+                others[name] = old.version if old is not None else version
             others.update(simulation.upgrades)
             scope.update(simulation.new)
         else:

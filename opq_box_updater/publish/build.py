@@ -24,6 +24,7 @@ from ..errors import FormatError, UnsafePackageError
 from ..fsutil import atomic_file
 from ..metadata import parse_json
 from ..package import (
+    APT_ALLOW_REMOVE,
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     Manifest,
@@ -31,6 +32,7 @@ from ..package import (
     extract_package,
     inspect_debs,
     load_manifest,
+    package_names,
     read_deb,
 )
 from .common import CHUNK, PublishError
@@ -42,17 +44,28 @@ _DEB_MAGIC = b"!<arch>\n"
 
 
 def build_package(out: Path, *, version: int, debs: Sequence[Path] = (),
-                  run: Path | None = None, healthcheck: Path | None = None) -> Manifest:
+                  run: Path | None = None, healthcheck: Path | None = None,
+                  apt_allow_remove: Sequence[str] = ()) -> Manifest:
     """Write a package zip to ``out`` (atomically) and return its manifest.
 
     Every file is stored under its basename; debs keep the given order in the manifest.
-    Refuses (:class:`PublishError`) a version below 1, a package with neither debs nor a run
-    script, a missing file, a ``.deb`` that is not an ar archive, and clashing names.
+    ``apt_allow_remove`` lists the installed packages apt may remove on boxes with
+    ``installer: apt`` (the manifest key is written only when it is not empty: older boxes
+    accept exactly DESIGN 2.4's five keys). Refuses (:class:`PublishError`) a version below
+    1, a package with neither debs nor a run script, a missing file, a ``.deb`` that is not
+    an ar archive, clashing names, and what boxes would refuse in ``apt_allow_remove``.
     """
     if type(version) is not int or version < 1:
         raise PublishError(f"--version must be a positive integer, not {version!r}")
     if not debs and run is None:
         raise PublishError("a package needs at least one --deb or a --run script")
+    if apt_allow_remove and not debs:
+        raise PublishError("--apt-allow-remove needs at least one --deb: without debs apt "
+                           "does not run")
+    try:
+        allowed = package_names(list(apt_allow_remove), "apt_allow_remove")
+    except UnsafePackageError as exc:
+        raise PublishError(f"--apt-allow-remove: boxes would refuse it: {exc}") from None
     for deb in debs:
         _check_deb_file(deb)
     files: dict[str, Path] = {}
@@ -66,7 +79,8 @@ def build_package(out: Path, *, version: int, debs: Sequence[Path] = (),
             raise PublishError(f"two files are named {name!r} ({files[name]} and {path})")
         files[name] = path
     manifest = Manifest(MANIFEST_FORMAT, version, tuple(d.name for d in debs),
-                        run.name if run else None, healthcheck.name if healthcheck else None)
+                        run.name if run else None, healthcheck.name if healthcheck else None,
+                        allowed)
     out = out.absolute()
     if not out.parent.is_dir():
         raise PublishError(f"{out.parent} is not a directory")
@@ -82,6 +96,8 @@ def manifest_bytes(manifest: Manifest) -> bytes:
     """``manifest.json`` as the builder writes it (sorted keys, one trailing newline)."""
     doc = {"format": manifest.format, "version": manifest.version, "debs": list(manifest.debs),
            "run": manifest.run, "healthcheck": manifest.healthcheck}
+    if manifest.apt_allow_remove:
+        doc[APT_ALLOW_REMOVE] = list(manifest.apt_allow_remove)
     return (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode("utf-8")
 
 

@@ -83,13 +83,16 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     manifest = build.build_package(args.out, version=args.version, debs=args.deb or (),
-                                   run=args.run, healthcheck=args.healthcheck)
+                                   run=args.run, healthcheck=args.healthcheck,
+                                   apt_allow_remove=args.apt_allow_remove or ())
     for warning in build.files_dependency_warnings(args.deb or (), args.base_packages):
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     sha, length = sha256_file(args.out)
     _out(f"built {args.out}: version {manifest.version}, debs [{', '.join(manifest.debs)}], "
-         f"run {manifest.run}, healthcheck {manifest.healthcheck}; {length} bytes, "
-         f"sha256 {sha}")
+         f"run {manifest.run}, healthcheck {manifest.healthcheck}"
+         + (f", apt may remove [{', '.join(manifest.apt_allow_remove)}]"
+            if manifest.apt_allow_remove else "")
+         + f"; {length} bytes, sha256 {sha}")
     return EXIT_OK
 
 
@@ -200,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Debian package (repeat; applied in this order)")
     p.add_argument("--run", type=Path, metavar="SCRIPT", help="run script (update.sh)")
     p.add_argument("--healthcheck", type=Path, metavar="SCRIPT")
+    p.add_argument("--apt-allow-remove", action="append", metavar="PKG",
+                   help="an installed package apt may remove while applying this release on "
+                        "boxes with installer: apt (repeat; the rollback brings it back); "
+                        "apt wanting to remove any other package postpones the update")
     p.add_argument("--version", type=_positive, required=True, metavar="V",
                    help="release number (an integer that only grows)")
     p.add_argument("--base-packages", type=Path, metavar="FILE",

@@ -1,0 +1,176 @@
+"""``installer: apt`` may remove exactly what the release allows (issue 12, item 1).
+
+The manifest's optional ``apt_allow_remove`` lists the installed packages apt may remove
+while applying; ``opq-box-publish build --apt-allow-remove`` writes it, ``load_manifest``
+checks it on both sides, and a removal not listed postpones the update with nothing changed.
+A listed removal is in the rollback's scope: its deb must be at hand before apt runs, and a
+failed release brings it back. Real debs, apt and dpkg in a temporary root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zipfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from debs import make_deb, require_tool
+from reposim import RepoSim
+from test_installer import Sandbox, sandbox  # noqa: F401
+from test_rollback_scope import _apply, _conflicting_v2, _image_package, _postponed
+
+from opq_box_updater.errors import UnsafePackageError
+from opq_box_updater.installer import UpdatePlan
+from opq_box_updater.package import Manifest, describe, load_manifest
+from opq_box_updater.publish import build, cli, repo
+from opq_box_updater.publish.common import PublishError
+
+NOW = datetime(2031, 3, 1, 12, 0, 0, tzinfo=UTC)
+BASE = {"format": 1, "version": 3, "debs": ["a_1.0_all.deb"], "run": None,
+        "healthcheck": None}
+
+
+def _manifest_dir(tmp_path: Path, doc: object) -> Path:
+    root = tmp_path / "x"
+    root.mkdir()
+    (root / "a_1.0_all.deb").write_text("x")
+    (root / "manifest.json").write_text(json.dumps(doc))
+    return root
+
+
+# --- the manifest key ---------------------------------------------------------------------
+
+
+def test_a_manifest_without_the_key_allows_no_removal(tmp_path: Path) -> None:
+    assert load_manifest(_manifest_dir(tmp_path, BASE), 3).apt_allow_remove == ()
+
+
+def test_the_key_lists_package_names(tmp_path: Path) -> None:
+    doc = {**BASE, "apt_allow_remove": ["old", "libfoo:i386", "g++-12"]}
+    manifest = load_manifest(_manifest_dir(tmp_path, doc), 3)
+    assert manifest.apt_allow_remove == ("old", "libfoo:i386", "g++-12")
+    assert "  with installer: apt, apt may remove old, libfoo:i386, g++-12" in describe(
+        manifest, [])
+
+
+@pytest.mark.parametrize(("value", "match"), [
+    ("old", "must be a list"),
+    ({"old": 1}, "must be a list"),
+    (None, "must be a list"),
+    ([1], "entry 1 is not a package name"),
+    ([None], "entry None is not a package name"),
+    (["Old"], "entry 'Old' is not a package name"),
+    (["-old"], "is not a package name"),
+    (["old pkg"], "is not a package name"),
+    (["a"], "entry 'a' is not a package name"),  # Debian names have two characters at least
+    (["old:"], "is not a package name"),
+    (["old:I386"], "is not a package name"),
+    (["old:i386:x"], "is not a package name"),
+    (["old", "old"], "names a package twice"),
+])
+def test_bad_values_are_refused(tmp_path: Path, value: object, match: str) -> None:
+    with pytest.raises(UnsafePackageError, match=match):
+        load_manifest(_manifest_dir(tmp_path, {**BASE, "apt_allow_remove": value}), 3)
+
+
+def test_other_unknown_keys_are_still_refused(tmp_path: Path) -> None:
+    with pytest.raises(UnsafePackageError, match=r"unknown \['apt_remove'\]"):
+        load_manifest(_manifest_dir(tmp_path, {**BASE, "apt_remove": []}), 3)
+
+
+# --- the publisher ------------------------------------------------------------------------
+
+
+def test_build_writes_the_key_only_when_asked(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    deb = make_deb(tmp_path / "debs", "opq-hello", "1.0")
+    build.build_package(tmp_path / "plain.zip", version=2, debs=[deb])
+    with zipfile.ZipFile(tmp_path / "plain.zip") as zf:
+        assert "apt_allow_remove" not in json.loads(zf.read("manifest.json"))  # old boxes
+    code = cli.main(["build", str(tmp_path / "rm.zip"), "--deb", str(deb), "--version", "2",
+                     "--apt-allow-remove", "old", "--apt-allow-remove", "libfoo:i386"])
+    assert code == 0
+    assert "apt may remove [old, libfoo:i386]" in capsys.readouterr().out
+    with zipfile.ZipFile(tmp_path / "rm.zip") as zf:
+        assert json.loads(zf.read("manifest.json"))["apt_allow_remove"] == ["old",
+                                                                            "libfoo:i386"]
+    assert build.inspect_package(tmp_path / "rm.zip").apt_allow_remove == ("old",
+                                                                            "libfoo:i386")
+
+
+@pytest.mark.parametrize("names", [["Old"], ["old", "old"], ["x y"]])
+def test_build_refuses_what_boxes_would_refuse(tmp_path: Path, names: list[str]) -> None:
+    deb = make_deb(tmp_path / "debs", "opq-hello", "1.0")
+    with pytest.raises(PublishError, match="--apt-allow-remove: boxes would refuse it"):
+        build.build_package(tmp_path / "out.zip", version=2, debs=[deb],
+                            apt_allow_remove=names)
+    assert not (tmp_path / "out.zip").exists()
+
+
+def test_build_refuses_the_option_without_debs(tmp_path: Path) -> None:
+    (tmp_path / "update.sh").write_text("#!/bin/sh\n")
+    with pytest.raises(PublishError, match="needs at least one --deb"):
+        build.build_package(tmp_path / "out.zip", version=2, run=tmp_path / "update.sh",
+                            apt_allow_remove=["old"])
+
+
+def test_release_refuses_a_hand_made_package_boxes_would_refuse(tmp_path: Path) -> None:
+    """Parity: a zip not made by ``build`` with a bad key is refused before signing."""
+    repo.init_repo(tmp_path / "repo", tmp_path / "keys", now=NOW)
+    package = tmp_path / "bad.zip"
+    package.write_bytes(RepoSim.make_package(2, manifest={"apt_allow_remove": "old"}))
+    before = sorted(p.name for p in (tmp_path / "repo").rglob("*"))
+    with pytest.raises(PublishError, match="apt_allow_remove must be a list"):
+        repo.publish_release(tmp_path / "repo", tmp_path / "keys", package, now=NOW)
+    assert sorted(p.name for p in (tmp_path / "repo").rglob("*")) == before
+
+
+# --- the box ------------------------------------------------------------------------------
+
+
+def _allowing(plan: UpdatePlan, *names: str) -> UpdatePlan:
+    manifest: Manifest = dataclasses.replace(plan.manifest, apt_allow_remove=names)
+    return dataclasses.replace(plan, manifest=manifest)
+
+
+@pytest.fixture
+def apt_box(sandbox: Sandbox) -> Sandbox:  # noqa: F811
+    require_tool("apt-get")
+    sandbox.config = sandbox.config._replace(installer="apt")
+    sandbox.install_v1()
+    return sandbox
+
+
+def test_a_removal_the_release_does_not_list_postpones(apt_box: Sandbox) -> None:
+    _image_package(apt_box, "old", "1.0")
+    _image_package(apt_box, "other", "1.0")
+    message = _postponed(apt_box, _allowing(_conflicting_v2(apt_box), "other"))
+    assert "apt would remove old to apply release 2, and the release does not allow it" \
+        in message
+    assert apt_box.installed() == {"a": "1.0", "old": "1.0", "other": "1.0"}
+
+
+def test_an_allowed_removal_is_applied_and_rolled_back(apt_box: Sandbox) -> None:
+    """apt removes ``old`` (the release allows it); the health check fails; the rollback
+    reinstalls ``old`` from the deb copied into the updater's cache before applying."""
+    _image_package(apt_box, "old", "1.0", files={"usr/share/old/data": "old\n"})
+    plan = _allowing(_conflicting_v2(apt_box), "old")
+    error, state = _apply(apt_box, plan)
+    assert "rolled back" in str(error) and "incomplete" not in str(error)
+    log = (apt_box.root / "var/log/dpkg.log").read_text()
+    assert "remove old:all 1.0" in log  # apt did remove it
+    assert apt_box.installed() == {"a": "1.0", "old": "1.0"}
+    assert (apt_box.root / "usr/share/old/data").read_text() == "old\n"
+    assert state.unrestored == () and state.journal.phase == "idle"
+    assert (apt_box.config.state_dir / "debs/old_1.0_all.deb").is_file()
+
+
+def test_an_allowed_removal_without_a_deb_to_go_back_to_postpones(apt_box: Sandbox) -> None:
+    """Neither cached nor downloadable (the sandbox has no apt sources): apt must not run."""
+    _image_package(apt_box, "old", "1.0", in_apt_cache=False)
+    message = _postponed(apt_box, _allowing(_conflicting_v2(apt_box), "old"))
+    assert "a rollback would need old=1.0" in message
+    assert not (apt_box.root / "var/log/apt/history.log").exists() or \
+        "Remove: old" not in (apt_box.root / "var/log/apt/history.log").read_text()
