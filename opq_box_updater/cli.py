@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, runner
+from . import __version__
 from .config import DEFAULT_CONFIG_PATH, Config, load_config, stored_box_id, with_box_id
 from .errors import (
     ApplyError,
@@ -320,9 +320,6 @@ def _run(config: Config, args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet)
-    # Children that detach from their session (setsid, double fork) are re-parented to the
-    # updater, so that runner.run can report them and stop them on a timeout or rollback.
-    runner.become_subreaper()
     try:
         config = load_config(args.config)
         if args.command == "status":

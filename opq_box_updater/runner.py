@@ -118,6 +118,7 @@ def run(
     argv = tuple(os.fspath(c) for c in cmd)
     printable = shlex.join(argv)
     logger.debug("running: %s", printable)
+    _ensure_subreaper()
     reap()
     known = frozenset(p.pid for p in processes() if p.ppid == os.getpid())
     with tempfile.TemporaryFile() as out:
@@ -218,6 +219,20 @@ def _prctl() -> Any:
         return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
+
+
+_subreaper_asked = False
+
+
+def _ensure_subreaper() -> None:
+    """Become a child subreaper before the first child starts, once per process: children
+    that detach (``setsid``, double fork) are then re-parented here, where :func:`run` can
+    report and stop them. Doing it here rather than at start-up keeps runs that start no
+    child (a no-op ``check`` or ``run``) free of ``ctypes`` and ``prctl``."""
+    global _subreaper_asked
+    if not _subreaper_asked:
+        _subreaper_asked = True
+        become_subreaper()
 
 
 def become_subreaper() -> bool:

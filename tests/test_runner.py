@@ -257,3 +257,41 @@ def test_stop_leftovers_stops_what_steps_left_running(subreaper: None, tmp_path:
     assert all(_alive(pid) for pid in pids)
     assert runner.stop_leftovers(grace=5) == []
     assert [pid for pid in pids if _exists(pid)] == []
+
+
+# --- the updater becomes a subreaper before its first child, and only then --------------
+
+_FIRST_CHILD = """
+import os, sys
+from opq_box_updater import runner
+before = runner.is_subreaper()
+out = runner.run(["sh", "-c", "setsid sleep 30 </dev/null >/dev/null 2>&1 & echo $!"]).output
+pid = int(out.split()[0])
+for _ in range(200):
+    with open(f"/proc/{pid}/stat") as f:
+        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+    if ppid == os.getpid():
+        break
+    import time; time.sleep(0.05)
+os.kill(pid, 9)
+print(before, runner.is_subreaper(), ppid == os.getpid())
+"""
+
+
+def test_the_first_child_makes_the_process_a_subreaper() -> None:
+    """A process that runs children through runner.run inherits what they detach, without
+    having to ask (the CLI no longer does it at start-up)."""
+    out = subprocess.run([sys.executable, "-c", _FIRST_CHILD], capture_output=True,
+                         text=True, check=True, timeout=60).stdout.split()
+    assert out == ["False", "True", "True"], out
+
+
+def test_a_no_op_run_imports_no_subprocess_machinery() -> None:
+    """The daily no-op (a check answered 304) starts no child: it must not pay for ctypes,
+    subprocess or the runner (the bench's no-op CPU budget)."""
+    code = ("import sys, opq_box_updater.cli, opq_box_updater.updater; "
+            "print(sorted(m for m in ('ctypes', 'subprocess', 'opq_box_updater.runner') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.strip()
+    assert out == "[]", out
