@@ -10,8 +10,10 @@ BASE_DEBS := python3 python3-venv python3-requests python3-cryptography python3-
 # systemd-tmpfiles (the tmpfiles.d test): from systemd where it is installed, else the
 # standalone package (which conflicts with systemd, so it is never asked for beside it).
 TMPFILES_DEB := $(if $(shell command -v systemd-tmpfiles 2>/dev/null),,systemd-standalone-tmpfiles)
+# The report collector (issue 10): gunicorn behind nginx, its store on SQLite and on a real
+# PostgreSQL (tests/pgfix.py runs a throw-away cluster).
 TEST_DEBS := $(BASE_DEBS) nginx-light curl fakeroot logrotate util-linux mount faketime \
-	$(TMPFILES_DEB)
+	$(TMPFILES_DEB) gunicorn postgresql python3-psycopg2
 DEB_BUILD_DEBS := debhelper dh-python python3-all po-debconf lintian
 INSTALL_TEST_DEBS := mmdebstrap
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)

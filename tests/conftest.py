@@ -132,6 +132,22 @@ def box_factory(tmp_path: Path) -> Iterator[Any]:
     yield make
 
 
+# --- a real PostgreSQL for the report store (issue 10) -------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """One throw-away PostgreSQL cluster for the whole session (tests/pgfix.py); each test
+    that uses it resets the database it needs."""
+    from pgfix import pg_bindir, postgres
+
+    if pg_bindir() is None:
+        require_tool("initdb")  # fails under CI, skips elsewhere
+    require_tool("runuser")
+    with postgres() as server:
+        yield server
+
+
 # --- no silent skips in CI (issue 9) ---------------------------------------------------------
 
 _SKIPPED: list[str] = []

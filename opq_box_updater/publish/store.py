@@ -1,0 +1,475 @@
+"""Where the collector keeps box reports and box keys: SQLite (default) or PostgreSQL.
+
+One small interface (:class:`Store`), one schema and one list of migrations for both back
+ends; the SQL is written once (``?`` placeholders, turned into ``%s`` for psycopg2) and the
+only dialect differences are the id column and how a migration takes its lock. Every report
+is kept (history); the ``boxes`` table holds what the collector trusts about each box: the
+key it learned on the box's first report (TOFU), the highest counter it accepted, and
+whether the operator rejected it.
+
+Connections are opened lazily, one per thread (``serve`` is threaded; gunicorn forks its
+workers after the application is imported, and a connection must not cross a fork).
+SQLite runs in WAL mode, so the page and ``fleet`` read while a report is written, and every
+writing transaction is ``BEGIN IMMEDIATE`` (one writer at a time, waiting up to
+:data:`BUSY_TIMEOUT` seconds). PostgreSQL needs Debian's ``python3-psycopg2``, imported only
+when a ``postgresql://`` URL is opened.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..errors import RepositoryError
+from ..metadata import format_time, parse_time
+from .common import PublishError
+
+#: Report statuses. ``accepted``: signed by the box's known key with a new counter;
+#: ``conflict``: validly signed, but by another key than the one the box id is known by
+#: (stored and shown, never merged into the box's state); ``unsigned``: taken by the
+#: development server (``serve``) without a signature.
+ACCEPTED, CONFLICT, UNSIGNED = "accepted", "conflict", "unsigned"
+#: What :meth:`Store.admit` can answer besides a stored status: the box was rejected by
+#: the operator, the counter was not above the last accepted one, or the store is full.
+REJECTED, REPLAYED, FULL = "rejected", "replayed", "full"
+#: Box states: ``trusted`` (its key is known), ``rekey`` (the operator made the collector
+#: forget the key; the next validly signed report's key is learned), ``rejected``.
+TRUSTED, REKEY = "trusted", "rekey"
+#: At most this many box ids; a flood of invented ids (anyone can make a key) stops here.
+MAX_BOXES = 1_000_000
+BUSY_TIMEOUT = 30.0  # seconds a writer waits for another (SQLite) before failing
+SQLITE_PREFIX = "sqlite:///"
+DB_NAME = "reports.db"
+
+#: The schema, as migrations applied in order; version N is ``MIGRATIONS[N - 1]``.
+#: ``{id}`` is the only dialect-specific text: an auto-increasing integer primary key.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE boxes (
+            box_id TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            key_id TEXT,
+            public_key TEXT,
+            counter BIGINT NOT NULL DEFAULT 0,
+            first_seen TEXT NOT NULL,
+            last_seen TEXT NOT NULL)""",
+        """CREATE TABLE reports (
+            id {id},
+            box_id TEXT NOT NULL,
+            received TEXT NOT NULL,
+            remote TEXT NOT NULL,
+            status TEXT NOT NULL,
+            key_id TEXT,
+            public_key TEXT,
+            counter BIGINT,
+            box_time TEXT,
+            body TEXT NOT NULL)""",
+        "CREATE INDEX reports_box ON reports (box_id, id)",
+        "CREATE INDEX reports_status ON reports (status, id)",
+    ),
+)
+_COLUMNS = "box_id, received, remote, status, key_id, public_key, counter, box_time, body"
+_BOX_COLUMNS = "box_id, state, key_id, public_key, counter, first_seen, last_seen"
+
+
+class StoreError(PublishError):
+    """The report store cannot be opened or used (exit 2 from the CLI); says what to do."""
+
+
+@dataclass(frozen=True)
+class ReportRecord:
+    """One report as the collector stored it. ``received`` is the server's clock (box
+    clocks are often wrong); ``timestamp`` and ``counter`` are what a signed report said."""
+
+    box_id: str
+    received: datetime
+    remote: str
+    report: dict[str, Any]
+    status: str  # ACCEPTED | CONFLICT | UNSIGNED
+    key_id: str | None
+    counter: int | None = None
+    timestamp: datetime | None = None
+    public_key: str | None = None  # hex; kept so that a conflict's key can be accepted
+
+
+@dataclass(frozen=True)
+class BoxRecord:
+    """What the collector trusts about one box id."""
+
+    box_id: str
+    state: str  # TRUSTED | REKEY | REJECTED
+    key_id: str | None
+    public_key: str | None
+    counter: int
+    first_seen: datetime
+    last_seen: datetime
+
+
+class Store(Protocol):
+    """The storage interface of the collector, ``serve``, ``fleet`` and ``boxes``."""
+
+    url: str
+
+    def add(self, record: ReportRecord) -> None:
+        """Keep ``record`` as it is (no checks): unsigned reports, seeding, imports."""
+
+    def admit(self, record: ReportRecord) -> str:
+        """Decide a validly signed report against the box's known key and counter and keep
+        it, in one transaction: returns ACCEPTED or CONFLICT (stored), REJECTED, REPLAYED
+        or FULL (nothing stored)."""
+
+    def latest(self) -> list[ReportRecord]:
+        """The newest accepted (or unsigned) report of each box, by box id."""
+
+    def history(self, box_id: str, limit: int = 100) -> list[ReportRecord]:
+        """The box's reports of every status, newest first."""
+
+    def conflicts(self) -> list[ReportRecord]:
+        """Every report stored as a conflict, newest first."""
+
+    def boxes(self) -> list[BoxRecord]:
+        """Every box the collector knows, by box id."""
+
+    def box(self, box_id: str) -> BoxRecord | None:
+        """One box, or None."""
+
+    def accept(self, box_id: str, key_id: str | None) -> BoxRecord:
+        """Trust ``key_id`` (a key seen in one of the box's conflicts; a unique prefix of 8
+        or more digits will do) for the box from now on, or, without a key, take a rejected
+        box back with its old key. Raises :class:`StoreError` when there is no such key."""
+
+    def reject(self, box_id: str) -> BoxRecord:
+        """Refuse every further report of the box (until ``accept``)."""
+
+    def rekey(self, box_id: str) -> BoxRecord:
+        """Forget the box's key and counter: its next validly signed report's key is
+        learned (a reinstalled box)."""
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+
+
+def default_store_url(repo: Path) -> str:
+    """Where ``serve``, ``fleet`` and ``rollout`` keep reports of a repository by default:
+    ``REPO/.reports/reports.db`` (a dot-directory: ``serve`` and the shipped nginx
+    configuration never serve it)."""
+    return SQLITE_PREFIX + str((repo / ".reports" / DB_NAME).absolute())
+
+
+def open_store(url: str) -> Store:
+    """A store for ``sqlite:///ABS/PATH.db`` or a PostgreSQL URL / DSN (``postgresql://…``,
+    ``host=… dbname=…``), migrated to the current schema."""
+    if url.startswith(SQLITE_PREFIX):
+        path = Path(url.removeprefix(SQLITE_PREFIX))
+        if not path.is_absolute():
+            raise StoreError(f"{url}: a SQLite URL needs an absolute path "
+                             "(sqlite:////var/lib/... has four slashes)")
+        return SqlStore(url, _sqlite_connect(path), "INTEGER PRIMARY KEY AUTOINCREMENT")
+    if url.startswith(("postgresql://", "postgres://")) or "dbname=" in url:
+        return SqlStore(url, _postgres_connect(url), "BIGSERIAL PRIMARY KEY", postgres=True)
+    raise StoreError(f"unknown store {url!r}: use sqlite:////ABSOLUTE/PATH.db or "
+                     "postgresql://USER@HOST/DB")
+
+
+def open_repo_store(repo: Path, url: str | None = None) -> Store:
+    """The store ``serve`` and ``fleet`` use for ``repo``: ``url``, or
+    :func:`default_store_url`. The per-box JSON files the development server kept before
+    (``REPO/.reports/<box>.json``, the latest report of each box) are imported once into
+    the default store, as unsigned reports, and renamed ``<box>.json.imported``."""
+    store = open_store(url or default_store_url(repo))
+    if url is None:
+        import_json_reports(store, repo / ".reports")
+    return store
+
+
+def import_json_reports(store: Store, folder: Path) -> int:
+    """Import ``folder/*.json`` (old ``serve`` reports); unreadable files are left as they
+    are. Returns how many were imported."""
+    count = 0
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            report = record["report"]
+            store.add(ReportRecord(str(report["box_id"]), parse_time(record["received"]),
+                                   str(record.get("remote", "-")), dict(report), UNSIGNED,
+                                   None))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RepositoryError):
+            continue
+        path.rename(path.with_name(path.name + ".imported"))
+        count += 1
+    return count
+
+
+def _sqlite_connect(path: Path) -> Callable[[], Any]:
+    def connect() -> sqlite3.Connection:
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at each checkpoint
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the report database {path}: {exc}") from None
+        path.chmod(0o600)
+        return conn
+    return connect
+
+
+def _postgres_connect(url: str) -> Callable[[], Any]:
+    def connect() -> Any:
+        try:
+            import psycopg2
+        except ImportError:
+            raise StoreError("a PostgreSQL store needs python3-psycopg2: "
+                             "apt-get install python3-psycopg2") from None
+        try:
+            return psycopg2.connect(url)
+        except psycopg2.Error as exc:
+            raise StoreError(f"cannot connect to PostgreSQL: {str(exc).strip()}") from None
+    return connect
+
+
+class SqlStore:
+    """:class:`Store` on a DB-API connection per thread (sqlite3 or psycopg2)."""
+
+    def __init__(self, url: str, connect: Callable[[], Any], id_column: str,
+                 postgres: bool = False) -> None:
+        self.url = url
+        self._connect = connect
+        self._id_column = id_column
+        self._postgres = postgres
+        self._local = threading.local()
+        self.migrate()
+
+    # --- connections and transactions ----------------------------------------------------
+
+    def _conn(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    def _sql(self, text: str) -> str:
+        return text.replace("?", "%s") if self._postgres else text
+
+    @contextmanager
+    def _write(self) -> Iterator[Any]:
+        """One writing transaction; rolled back on any exception."""
+        conn = self._conn()
+        cur = conn.cursor()
+        try:
+            if self._postgres:
+                yield cur
+                conn.commit()
+            else:
+                cur.execute("BEGIN IMMEDIATE")
+                yield cur
+                cur.execute("COMMIT")
+        except BaseException:
+            conn.rollback()
+            raise
+        finally:
+            cur.close()
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        conn = self._conn()
+        cur = conn.cursor()
+        try:
+            cur.execute(self._sql(sql), args)
+            rows = list(cur.fetchall())
+        finally:
+            cur.close()
+        if self._postgres:
+            conn.rollback()  # end the read transaction: no snapshot held between requests
+        return rows
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def migrate(self) -> int:
+        """Bring the schema to ``len(MIGRATIONS)``; returns the version found before. Safe
+        when several workers start at once: the check and the migration are one locked
+        transaction."""
+        with self._write() as cur:
+            if self._postgres:
+                cur.execute("SELECT pg_advisory_xact_lock(8151)")
+            cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            cur.execute("SELECT MAX(version) FROM schema_version")
+            found = cur.fetchone()[0] or 0
+            if found > len(MIGRATIONS):
+                raise StoreError(f"{self.url}: schema version {found} is newer than this "
+                                 f"opq-box-publish knows ({len(MIGRATIONS)}); upgrade it")
+            for version in range(found + 1, len(MIGRATIONS) + 1):
+                for statement in MIGRATIONS[version - 1]:
+                    cur.execute(statement.replace("{id}", self._id_column))
+                cur.execute(self._sql("INSERT INTO schema_version (version) VALUES (?)"),
+                            (version,))
+        return int(found)
+
+    # --- reports -------------------------------------------------------------------------
+
+    def _insert(self, cur: Any, record: ReportRecord) -> None:
+        cur.execute(self._sql(f"INSERT INTO reports ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)"),
+                    (record.box_id, format_time(record.received), record.remote,
+                     record.status, record.key_id, record.public_key, record.counter,
+                     None if record.timestamp is None else format_time(record.timestamp),
+                     json.dumps(record.report, sort_keys=True, ensure_ascii=False)))
+
+    def add(self, record: ReportRecord) -> None:
+        with self._write() as cur:
+            self._insert(cur, record)
+
+    def admit(self, record: ReportRecord) -> str:
+        if record.key_id is None or record.public_key is None or record.counter is None:
+            raise ValueError("admit() takes a signed report (key and counter)")
+        seen = format_time(record.received)
+        with self._write() as cur:
+            box = self._box(cur, record.box_id, lock=True)
+            if box is None:
+                cur.execute("SELECT COUNT(*) FROM boxes")
+                if cur.fetchone()[0] >= MAX_BOXES:
+                    return FULL
+                # Trust on first use. Another worker may learn the same box at this very
+                # moment (PostgreSQL locks no row that does not exist yet): only one insert
+                # wins, the others go on as for a known box.
+                cur.execute(self._sql(
+                    f"INSERT INTO boxes ({_BOX_COLUMNS}) VALUES (?,?,?,?,?,?,?) "
+                    "ON CONFLICT (box_id) DO NOTHING"),
+                    (record.box_id, TRUSTED, record.key_id, record.public_key,
+                     record.counter, seen, seen))
+                if cur.rowcount == 1:
+                    self._insert(cur, _with_status(record, ACCEPTED))
+                    return ACCEPTED
+                box = self._box(cur, record.box_id, lock=True)
+                assert box is not None
+            if box.state == REJECTED:
+                return REJECTED
+            elif box.state == REKEY:
+                cur.execute(self._sql("UPDATE boxes SET state = ?, key_id = ?, public_key = ?, "
+                                      "counter = ?, last_seen = ? WHERE box_id = ?"),
+                            (TRUSTED, record.key_id, record.public_key, record.counter, seen,
+                             record.box_id))
+            elif box.key_id != record.key_id:
+                self._insert(cur, _with_status(record, CONFLICT))
+                return CONFLICT
+            elif record.counter <= box.counter:
+                return REPLAYED
+            else:
+                cur.execute(self._sql("UPDATE boxes SET counter = ?, last_seen = ? "
+                                      "WHERE box_id = ?"),
+                            (record.counter, seen, record.box_id))
+            self._insert(cur, _with_status(record, ACCEPTED))
+        return ACCEPTED
+
+    def latest(self) -> list[ReportRecord]:
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM reports WHERE id IN (SELECT MAX(id) FROM reports "
+            "WHERE status IN (?, ?) GROUP BY box_id) ORDER BY box_id", (ACCEPTED, UNSIGNED))
+        return [_record(row) for row in rows]
+
+    def history(self, box_id: str, limit: int = 100) -> list[ReportRecord]:
+        rows = self._read(f"SELECT {_COLUMNS} FROM reports WHERE box_id = ? "
+                          "ORDER BY id DESC LIMIT ?", (box_id, limit))
+        return [_record(row) for row in rows]
+
+    def conflicts(self) -> list[ReportRecord]:
+        rows = self._read(f"SELECT {_COLUMNS} FROM reports WHERE status = ? ORDER BY id DESC",
+                          (CONFLICT,))
+        return [_record(row) for row in rows]
+
+    def report_count(self) -> int:
+        """How many reports are stored (all statuses)."""
+        return int(self._read("SELECT COUNT(*) FROM reports")[0][0])
+
+    # --- boxes ---------------------------------------------------------------------------
+
+    def _box(self, cur: Any, box_id: str, lock: bool = False) -> BoxRecord | None:
+        suffix = " FOR UPDATE" if lock and self._postgres else ""
+        cur.execute(self._sql(f"SELECT {_BOX_COLUMNS} FROM boxes WHERE box_id = ?{suffix}"),
+                    (box_id,))
+        row = cur.fetchone()
+        return None if row is None else _box_record(row)
+
+    def boxes(self) -> list[BoxRecord]:
+        return [_box_record(row) for row in
+                self._read(f"SELECT {_BOX_COLUMNS} FROM boxes ORDER BY box_id")]
+
+    def box(self, box_id: str) -> BoxRecord | None:
+        rows = self._read(f"SELECT {_BOX_COLUMNS} FROM boxes WHERE box_id = ?", (box_id,))
+        return _box_record(rows[0]) if rows else None
+
+    def _change(self, box_id: str, change: Callable[[Any, BoxRecord], None]) -> BoxRecord:
+        with self._write() as cur:
+            box = self._box(cur, box_id, lock=True)
+            if box is None:
+                raise StoreError(f"no box {box_id!r} has reported (see: boxes list)")
+            change(cur, box)
+            after = self._box(cur, box_id)
+        assert after is not None
+        return after
+
+    def accept(self, box_id: str, key_id: str | None) -> BoxRecord:
+        def change(cur: Any, box: BoxRecord) -> None:
+            if key_id is None:
+                if box.key_id is None:
+                    raise StoreError(f"box {box_id!r} has no key to accept: name one seen "
+                                     "in its conflicts with --key")
+                self._set(cur, box_id, TRUSTED, box.key_id, box.public_key, box.counter)
+                return
+            cur.execute(self._sql("SELECT DISTINCT key_id, public_key FROM reports WHERE "
+                                  "box_id = ? AND status = ? AND key_id IS NOT NULL"),
+                        (box_id, CONFLICT))
+            keys = {k: p for k, p in cur.fetchall()
+                    if len(key_id) >= 8 and k.startswith(key_id.lower())}
+            if len(keys) != 1:
+                raise StoreError(f"box {box_id!r}: {'no' if not keys else 'more than one'} "
+                                 f"key {key_id!r} among its conflicts (see: boxes list)")
+            (new_id, public), = keys.items()
+            # The counter of the old key means nothing for the new one.
+            counter = box.counter if new_id == box.key_id else 0
+            self._set(cur, box_id, TRUSTED, new_id, public, counter)
+        return self._change(box_id, change)
+
+    def reject(self, box_id: str) -> BoxRecord:
+        return self._change(box_id, lambda cur, box: self._set(
+            cur, box_id, REJECTED, box.key_id, box.public_key, box.counter))
+
+    def rekey(self, box_id: str) -> BoxRecord:
+        return self._change(box_id, lambda cur, box: self._set(
+            cur, box_id, REKEY, None, None, 0))
+
+    def _set(self, cur: Any, box_id: str, state: str, key_id: str | None,
+             public_key: str | None, counter: int) -> None:
+        cur.execute(self._sql("UPDATE boxes SET state = ?, key_id = ?, public_key = ?, "
+                              "counter = ? WHERE box_id = ?"),
+                    (state, key_id, public_key, counter, box_id))
+
+
+def _with_status(record: ReportRecord, status: str) -> ReportRecord:
+    return ReportRecord(record.box_id, record.received, record.remote, record.report, status,
+                        record.key_id, record.counter, record.timestamp, record.public_key)
+
+
+def _record(row: tuple[Any, ...]) -> ReportRecord:
+    box_id, received, remote, status, key_id, public_key, counter, box_time, body = row
+    return ReportRecord(box_id=box_id, received=parse_time(received), remote=remote,
+                        report=json.loads(body), status=status, key_id=key_id,
+                        counter=None if counter is None else int(counter),
+                        timestamp=None if box_time is None else parse_time(box_time),
+                        public_key=public_key)
+
+
+def _box_record(row: tuple[Any, ...]) -> BoxRecord:
+    box_id, state, key_id, public_key, counter, first_seen, last_seen = row
+    return BoxRecord(box_id, state, key_id, public_key, int(counter),
+                     parse_time(first_seen), parse_time(last_seen))

@@ -1,0 +1,81 @@
+"""A real, throw-away PostgreSQL server for tests and the benchmark (never mocked).
+
+Debian's ``postgresql`` binaries, a cluster made by ``initdb`` in a temporary directory
+(as the ``postgres`` user when we are root: initdb refuses root), listening only on a Unix
+socket in that directory (no TCP port at all), stopped and removed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def pg_bindir() -> Path | None:
+    """The newest installed ``/usr/lib/postgresql/N/bin`` that has initdb, or None."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                   key=lambda p: int(Path(p).parent.parent.name))
+    return Path(found[-1]).parent if found else None
+
+
+class Postgres:
+    """A running cluster; :attr:`dsn` connects to its database ``opq`` over the socket."""
+
+    def __init__(self, bindir: Path, base: Path) -> None:
+        self.bindir = bindir
+        self.base = base
+        self.data = base / "data"
+        self.user = "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+
+    @property
+    def dsn(self) -> str:
+        return f"host={self.base} dbname=opq user={self.user}"
+
+    def _run(self, *argv: str) -> None:
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*prefix, *argv], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        if os.geteuid() == 0:
+            shutil.chown(self.base, "postgres", "postgres")
+        self.base.chmod(0o700)
+        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.user,
+                  "--auth=trust", "-E", "UTF8", "--no-sync")
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w", "-l",
+                  str(self.base / "log"), "-o",
+                  f"-k {self.base} -c listen_addresses='' -c fsync=off -c max_connections=200",
+                  "start")
+        self._run(str(self.bindir / "createdb"), "-h", str(self.base), "-U", self.user, "opq")
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError):
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
+                      "-w", "stop")
+
+    def reset(self) -> None:
+        """Drop and recreate the database: a fresh, empty store for the next test."""
+        for command in ("dropdb", "createdb"):
+            self._run(str(self.bindir / command), "-h", str(self.base), "-U", self.user, "opq")
+
+
+@contextlib.contextmanager
+def postgres() -> Iterator[Postgres]:
+    """A started cluster, stopped and deleted on exit."""
+    bindir = pg_bindir()
+    if bindir is None:
+        raise FileNotFoundError("PostgreSQL is not installed (apt-get install postgresql)")
+    base = Path(tempfile.mkdtemp(prefix="opq-pg-"))
+    server = Postgres(bindir, base)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)

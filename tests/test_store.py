@@ -1,0 +1,211 @@
+"""The report store (publish/store.py) on SQLite and on a real PostgreSQL: migrations, TOFU
+key learning, counters against replay, conflicts kept apart, the operator's box commands,
+and concurrent writers (gunicorn's workers) deciding one counter once."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from opq_box_updater.publish import store as store_mod
+from opq_box_updater.publish.store import (
+    ACCEPTED,
+    CONFLICT,
+    FULL,
+    REJECTED,
+    REKEY,
+    REPLAYED,
+    TRUSTED,
+    UNSIGNED,
+    ReportRecord,
+    SqlStore,
+    StoreError,
+    default_store_url,
+    open_repo_store,
+    open_store,
+)
+
+NOW = datetime(2031, 1, 2, 3, 4, 5, tzinfo=UTC)
+KEY_A, KEY_B = "a" * 64, "b" * 64
+
+
+def signed(box: str, counter: int, key: str = KEY_A, *, at: datetime = NOW,
+           **report: Any) -> ReportRecord:
+    return ReportRecord(box, at, "127.0.0.1", {"box_id": box, **report}, ACCEPTED,
+                        key_id=key, counter=counter, timestamp=at, public_key="p" + key)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStore]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/reports.db"
+    else:
+        pg = request.getfixturevalue("pg_server")
+        pg.reset()
+        url = pg.dsn
+    opened = open_store(url)
+    assert isinstance(opened, SqlStore)
+    yield opened
+    opened.close()
+
+
+def test_first_report_teaches_the_key_then_only_that_key_counts(store: SqlStore) -> None:
+    assert store.admit(signed("box-1", 5, result="updated")) == ACCEPTED
+    box = store.box("box-1")
+    assert box is not None and (box.state, box.key_id, box.counter) == (TRUSTED, KEY_A, 5)
+    assert store.admit(signed("box-1", 6, result="up-to-date")) == ACCEPTED
+    # Another key for the same box id: kept as a conflict, the box's key and counter stay.
+    assert store.admit(signed("box-1", 99, KEY_B, result="forged")) == CONFLICT
+    box = store.box("box-1")
+    assert box is not None and (box.key_id, box.counter) == (KEY_A, 6)
+    assert [r.report["result"] for r in store.latest()] == ["up-to-date"]
+    [conflict] = store.conflicts()
+    assert (conflict.status, conflict.key_id, conflict.report["result"]) == \
+        (CONFLICT, KEY_B, "forged")
+    assert [r.status for r in store.history("box-1")] == [CONFLICT, ACCEPTED, ACCEPTED]
+
+
+@pytest.mark.parametrize("counter", [6, 5, 0, -1])
+def test_a_counter_not_above_the_last_is_a_replay_and_stores_nothing(
+        store: SqlStore, counter: int) -> None:
+    assert store.admit(signed("box-1", 6)) == ACCEPTED
+    assert store.admit(signed("box-1", counter, result="again")) == REPLAYED
+    assert store.report_count() == 1
+    box = store.box("box-1")
+    assert box is not None and box.counter == 6
+
+
+def test_history_is_kept_newest_first_and_latest_is_per_box(store: SqlStore) -> None:
+    for n in range(1, 6):
+        assert store.admit(signed("box-1", n, at=NOW + timedelta(hours=n), run=n)) == ACCEPTED
+    assert store.admit(signed("box-2", 1, KEY_B, run=1)) == ACCEPTED
+    store.add(ReportRecord("dev-box", NOW, "::1", {"box_id": "dev-box"}, UNSIGNED, None))
+    assert [r.report["run"] for r in store.history("box-1")] == [5, 4, 3, 2, 1]
+    assert [r.report["run"] for r in store.history("box-1", limit=2)] == [5, 4]
+    latest = store.latest()
+    assert [(r.box_id, r.status) for r in latest] == \
+        [("box-1", ACCEPTED), ("box-2", ACCEPTED), ("dev-box", UNSIGNED)]
+    assert latest[0].report["run"] == 5 and latest[0].received == NOW + timedelta(hours=5)
+    assert latest[0].timestamp == NOW + timedelta(hours=5) and latest[0].counter == 5
+
+
+def test_reject_refuses_everything_until_accepted(store: SqlStore) -> None:
+    assert store.admit(signed("box-1", 1)) == ACCEPTED
+    assert store.reject("box-1").state == REJECTED
+    assert store.admit(signed("box-1", 2)) == REJECTED
+    assert store.admit(signed("box-1", 3, KEY_B)) == REJECTED
+    assert store.report_count() == 1
+    back = store.accept("box-1", None)
+    assert (back.state, back.key_id, back.counter) == (TRUSTED, KEY_A, 1)
+    assert store.admit(signed("box-1", 2)) == ACCEPTED
+
+
+def test_rekey_learns_the_next_key_with_a_fresh_counter(store: SqlStore) -> None:
+    assert store.admit(signed("box-1", 40)) == ACCEPTED
+    forgotten = store.rekey("box-1")
+    assert (forgotten.state, forgotten.key_id, forgotten.counter) == (REKEY, None, 0)
+    assert store.admit(signed("box-1", 1, KEY_B)) == ACCEPTED  # a reinstalled box
+    box = store.box("box-1")
+    assert box is not None and (box.state, box.key_id, box.counter) == (TRUSTED, KEY_B, 1)
+    assert store.admit(signed("box-1", 41, KEY_A)) == CONFLICT  # the old key is out
+
+
+def test_accept_takes_a_key_seen_in_a_conflict(store: SqlStore) -> None:
+    assert store.admit(signed("box-1", 40)) == ACCEPTED
+    assert store.admit(signed("box-1", 1, KEY_B)) == CONFLICT
+    with pytest.raises(StoreError, match="no key"):
+        store.accept("box-1", "c" * 16)  # never seen
+    with pytest.raises(StoreError, match="no key"):
+        store.accept("box-1", "b" * 7)  # too short a prefix
+    box = store.accept("box-1", "B" * 8)
+    assert (box.key_id, box.public_key, box.counter) == (KEY_B, "p" + KEY_B, 0)
+    assert store.admit(signed("box-1", 2, KEY_B)) == ACCEPTED
+    assert store.admit(signed("box-1", 41, KEY_A)) == CONFLICT
+    with pytest.raises(StoreError, match="no box"):
+        store.reject("box-404")
+
+
+def test_a_full_store_takes_no_new_box(store: SqlStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "MAX_BOXES", 1)
+    assert store.admit(signed("box-1", 1)) == ACCEPTED
+    assert store.admit(signed("box-2", 1)) == FULL
+    assert store.admit(signed("box-1", 2)) == ACCEPTED  # known boxes still report
+    assert [b.box_id for b in store.boxes()] == ["box-1"] and store.report_count() == 2
+
+
+def test_concurrent_writers_accept_one_counter_once(store: SqlStore) -> None:
+    """Eight threads (own connections, like gunicorn's workers) send the same counter of a
+    new box, then of a known box: exactly one is accepted each time."""
+    for counter in (1, 2):
+        barrier = threading.Barrier(8)
+        results: list[str] = []
+
+        def send(counter: int = counter, barrier: threading.Barrier = barrier,
+                 results: list[str] = results) -> None:
+            barrier.wait()
+            results.append(store.admit(signed("box-1", counter)))
+            store.close()
+
+        threads = [threading.Thread(target=send) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(results) == [ACCEPTED] + [REPLAYED] * 7
+    assert store.report_count() == 2
+
+
+def test_schema_is_migrated_once_and_a_newer_one_is_refused(store: SqlStore) -> None:
+    assert store.migrate() == len(store_mod.MIGRATIONS)  # already current: nothing applied
+    assert store.admit(signed("box-1", 1)) == ACCEPTED
+    reopened = open_store(store.url)
+    assert reopened.latest()[0].box_id == "box-1"
+    reopened.close()
+    with store._write() as cur:
+        cur.execute("INSERT INTO schema_version (version) VALUES (99)")
+    with pytest.raises(StoreError, match="schema version 99 is newer"):
+        open_store(store.url)
+
+
+def test_sqlite_is_in_wal_mode_and_private(tmp_path: Path) -> None:
+    url = default_store_url(tmp_path / "repo")
+    assert url == f"sqlite:///{tmp_path}/repo/.reports/reports.db"
+    opened = open_store(url)
+    opened.add(ReportRecord("b", NOW, "-", {"box_id": "b"}, UNSIGNED, None))
+    db = tmp_path / "repo" / ".reports" / "reports.db"
+    assert db.stat().st_mode & 0o777 == 0o600
+    assert (db.parent.stat().st_mode & 0o777) == 0o700
+    assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    opened.close()
+
+
+@pytest.mark.parametrize("url", ["sqlite:///relative/reports.db", "mysql://x/y", "/tmp/x.db"])
+def test_unknown_or_relative_store_urls_are_refused(url: str) -> None:
+    with pytest.raises(StoreError):
+        open_store(url)
+
+
+def test_old_json_reports_are_imported_once(tmp_path: Path) -> None:
+    folder = tmp_path / "repo" / ".reports"
+    folder.mkdir(parents=True)
+    (folder / "box-7.json").write_text(json.dumps(
+        {"received": "2030-05-06T07:08:09Z", "remote": "10.0.0.7",
+         "report": {"box_id": "box-7", "installed_version": 3}}))
+    (folder / "broken.json").write_text("{not json")
+    opened = open_repo_store(tmp_path / "repo")
+    [record] = opened.latest()
+    assert (record.box_id, record.status, record.remote, record.report["installed_version"]) \
+        == ("box-7", UNSIGNED, "10.0.0.7", 3)
+    assert not (folder / "box-7.json").exists() and (folder / "box-7.json.imported").exists()
+    assert (folder / "broken.json").exists()
+    opened.close()
+    again = open_repo_store(tmp_path / "repo")
+    assert len(again.history("box-7")) == 1
+    again.close()
