@@ -387,9 +387,12 @@ def test_complete_part_from_a_crashed_run_needs_no_network(
 
 
 def test_oversized_part_is_discarded(server: FaultServer, package: Package, dest: Path) -> None:
+    """A .part longer than the signed length is discarded before any request: no Range past
+    the end is ever sent (the server's 416 must not be what catches it)."""
     dest.mkdir()
     (dest / f"{package.sha256}.part").write_bytes(package.data + b"junk")
     assert get_package(server, package, dest).read_bytes() == package.data
+    assert [(r.headers.get("Range"), r.status) for r in server.log] == [(None, 200)]
 
 
 @pytest.mark.parametrize(("fault", "max_received"), [
@@ -409,12 +412,18 @@ def test_package_refusals_delete_the_part(server: FaultServer, package: Package,
 
 def test_resumed_range_from_a_longer_file_is_refused(repo: Path, server: FaultServer,
                                                      package: Package, dest: Path) -> None:
+    """The 206's total names a file longer than the signed one: refused on that alone, even
+    when Content-Length claims exactly the bytes still missing (and the body delivers just
+    those, the signed ones): the server's file is not the release's."""
     (repo / package.relpath).write_bytes(package.data + b"trailing")
+    server.set_fault(package.relpath, Fault(content_length=package.length - 1000))
     dest.mkdir()
     (dest / f"{package.sha256}.part").write_bytes(package.data[:1000])
-    with pytest.raises(LengthOrHashMismatchError):
-        get_package(server, package, dest)
+    with fetcher(server.url) as f, pytest.raises(LengthOrHashMismatchError):
+        f.fetch_package(package.relpath, dest, package.sha256, package.length)
+    assert f.bytes_received == 0  # refused on the headers
     assert list(dest.iterdir()) == []
+    assert [r.status for r in server.log] == [206]
 
 
 def test_http_error_keeps_the_part(server: FaultServer, package: Package, dest: Path) -> None:

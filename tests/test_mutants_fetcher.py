@@ -27,16 +27,6 @@ def test_complete_part_with_wrong_bytes_is_fetched_again(
     assert [r.headers.get("Range") for r in server.log] == [None]
 
 
-def test_oversized_part_starts_over_without_a_range_request(
-        server: FaultServer, package: Package, dest: Path) -> None:
-    """A .part longer than the signed length is discarded before any request: no Range
-    past the end is ever sent (the server's 416 must not be what catches it)."""
-    dest.mkdir()
-    (dest / f"{package.sha256}.part").write_bytes(package.data + b"junk")
-    assert get_package(server, package, dest).read_bytes() == package.data
-    assert [r.headers.get("Range") for r in server.log] == [None]
-
-
 def test_206_total_other_than_the_signed_length_is_refused(
         server: FaultServer, package: Package, dest: Path) -> None:
     """The right bytes under a Content-Range naming another file size: the server's file is
