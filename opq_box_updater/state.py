@@ -108,7 +108,9 @@ class State(NamedTuple):
         module wrote: every field is type-checked, so a damaged file is caught here, once,
         instead of failing every later run somewhere else (a crash loop)."""
         doc = json.loads(data)
-        if not isinstance(doc, dict) or doc.get("format") not in (1, STATE_FORMAT):
+        # type(): true and 1.0 compare equal to 1 but are no format this module wrote
+        if not isinstance(doc, dict) or type(doc.get("format")) is not int \
+                or doc["format"] not in (1, STATE_FORMAT):
             raise ValueError("unknown state format")
         if doc.pop("format") == 1:
             doc = _from_format_1(doc)
