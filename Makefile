@@ -15,7 +15,9 @@ TMPFILES_DEB := $(if $(shell command -v systemd-tmpfiles 2>/dev/null),,systemd-s
 TEST_DEBS := $(BASE_DEBS) nginx-light curl fakeroot logrotate util-linux mount faketime \
 	$(TMPFILES_DEB) gunicorn postgresql python3-psycopg2
 DEB_BUILD_DEBS := debhelper dh-python python3-all po-debconf lintian
-INSTALL_TEST_DEBS := mmdebstrap
+# The signed apt repository (scripts/apt-repo): apt-ftparchive, and gpg with its agent.
+APT_REPO_DEBS := apt-utils gpg gpg-agent
+INSTALL_TEST_DEBS := mmdebstrap $(APT_REPO_DEBS)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: all venv test lint demo bench clean newcomer
@@ -79,7 +81,8 @@ clean:
 
 # --- Debian packages (debian/, docs/operations.md) -------------------------------------------
 # make deb [TRUST_ROOT=repo/root/1.root.json] [DIST=dist] [DEB_VERSION=1.0.0+site1]
-# builds opq-box-updater and opq-box-publisher from a copy of the tree in DEB_WORK, a
+# builds opq-box-updater, opq-box-publisher and python3-opq-box-updater (the module both
+# depend on) from a copy of the tree in DEB_WORK, a
 # temporary directory outside the work tree, removed afterwards, failed builds included
 # (so a build never writes into the work tree except DIST) with Debian's python3 and a clean PATH, and moves the .debs,
 # .changes and .buildinfo into DIST. TRUST_ROOT is the operators' root, pinned in the box
@@ -92,7 +95,7 @@ DEB_WORK ?= $(or $(TMPDIR),/tmp)/opq-box-updater-deb.$(shell id -u).$(shell echo
 DEB_BUILD_ENV := env -u PYTHONPATH -u PYTHONHOME -u VIRTUAL_ENV PATH=/usr/sbin:/usr/bin:/sbin:/bin
 DEB_TRUST_ROOT = $(if $(strip $(TRUST_ROOT)),$(abspath $(TRUST_ROOT)))
 
-.PHONY: install-test
+.PHONY: install-test apt-repo
 
 deb:
 	@scripts/need-apt $(DEB_BUILD_DEBS)
@@ -114,11 +117,12 @@ deb:
 	cd "$$work/src"; \
 	$(DEB_BUILD_ENV) OPQ_TRUST_ROOT="$(DEB_TRUST_ROOT)" dpkg-buildpackage -us -uc -b; \
 	cd "$$work"; \
-	rm -f "$$dist"/opq-box-updater_* "$$dist"/opq-box-publisher_*; \
-	mv opq-box-updater_*.deb opq-box-publisher_*.deb opq-box-updater_*.changes \
-		opq-box-updater_*.buildinfo "$$dist"/; \
+	rm -f "$$dist"/opq-box-updater_* "$$dist"/opq-box-publisher_* \
+		"$$dist"/python3-opq-box-updater_*; \
+	mv opq-box-updater_*.deb opq-box-publisher_*.deb python3-opq-box-updater_*.deb \
+		opq-box-updater_*.changes opq-box-updater_*.buildinfo "$$dist"/; \
 	rm -rf "$$work"; \
-	ls -l "$$dist"/opq-box-updater_* "$$dist"/opq-box-publisher_*
+	ls -l "$$dist"/opq-box-updater_* "$$dist"/opq-box-publisher_* "$$dist"/python3-opq-box-updater_*
 
 # Zero errors and warnings; every override in debian/*.lintian-overrides says why.
 lintian:
@@ -131,3 +135,18 @@ lintian:
 install-test: venv
 	@scripts/need-apt $(DEB_BUILD_DEBS) $(INSTALL_TEST_DEBS)
 	$(VENV)/bin/pytest -v -p no:cacheprovider tests/test_debian_install.py
+
+# The operators' signed apt repository for provisioning boxes (scripts/apt-repo,
+# docs/operations.md "Provisioning from the apt repository"):
+# make apt-repo APT_DIR=/srv/opq-box-apt APT_KEY=<40-digit fingerprint>
+#     [APT_DEBS="dist/*.deb"] [APT_ARCHES="amd64 arm64 armhf"] [GNUPGHOME=/media/offline/gnupg]
+APT_DIR ?=
+APT_KEY ?=
+APT_DEBS ?= $(wildcard $(DIST)/opq-box-updater_*.deb $(DIST)/opq-box-publisher_*.deb \
+	$(DIST)/python3-opq-box-updater_*.deb)
+APT_ARCHES ?= amd64 arm64 armhf
+apt-repo:
+	@scripts/need-apt $(APT_REPO_DEBS)
+	@if [ -z "$(APT_DIR)" ] || [ -z "$(APT_KEY)" ]; then \
+		echo "usage: make apt-repo APT_DIR=DIR APT_KEY=FINGERPRINT [APT_DEBS=...]" >&2; exit 2; fi
+	scripts/apt-repo "$(APT_DIR)" --key "$(APT_KEY)" --arch "$(APT_ARCHES)" $(APT_DEBS)

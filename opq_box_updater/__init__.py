@@ -1,3 +1,3 @@
 """OPQ Box Updater: secure remote updates for the OPQ Box fleet."""
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"

@@ -59,6 +59,8 @@ BUILD_DEBS = ("mmdebstrap", "dpkg-dev", "debhelper", "dh-python", "python3-all",
 TOOLS = ("mmdebstrap", "dpkg-buildpackage", "dpkg-deb", "unshare", "chroot", "make")
 
 CONFIG = "/etc/opq/updater_config.json"
+#: The Python module both command packages depend on (issue 8).
+LIBRARY = "python3-opq-box-updater"
 FIRST_URL = "http://updates.example.invalid/opq/"
 PAYLOAD = "opq-test-payload"
 RAN_MARKER = "/tmp/opq-update-ran"
@@ -455,22 +457,25 @@ def check_update_cycle(root: Root) -> None:
     assert status["installed_version"] == 1 and status["last_result"] == "up-to-date", status
 
 
-def check_self_upgrade(root: Root, repo: Path, updater_deb: Path, version: str,
-                       config: bytes, installed_deb: Path) -> None:
-    """Release 2 carries a newer opq-box-updater: the cron job upgrades the updater itself,
-    once the deb it would roll back to is at hand (docs/operations.md, "Installing a box")."""
+def check_self_upgrade(root: Root, repo: Path, new: dict[str, Path], version: str,
+                       config: bytes, installed: dict[str, Path]) -> None:
+    """Release 2 carries a newer opq-box-updater and its module: the cron job upgrades the
+    updater itself, once the debs it would roll back to are at hand (docs/operations.md,
+    "Installing a box")."""
     package = repo.parent / "update-2.zip"
-    _run([str(PUBLISH), "build", str(package), "--deb", str(updater_deb), "--version", "2"])
+    _run([str(PUBLISH), "build", str(package), "--deb", str(new[LIBRARY]),
+          "--deb", str(new["opq-box-updater"]), "--version", "2"])
     _run([str(PUBLISH), "release", str(repo), str(package), "--keys",
           str(repo.parent / "keys")])
-    # Installed from a local file, the running updater's deb is nowhere a rollback could
-    # take it from: the update waits, saying which deb it needs.
+    # Installed from local files, the running updater's debs are nowhere a rollback could
+    # take them from: the update waits, saying which deb it needs.
     run_cron_line(root)
     state = json.loads(root.sh("opq-box-updater status --json").stdout)
     assert state["last_result"] == "postponed", state
-    assert f"opq-box-updater={installed_deb.name.split('_')[1]}" in state["last_message"]
+    assert f"={installed[LIBRARY].name.split('_')[1]}" in state["last_message"]
     archives = root.file("/var/cache/apt/archives")
-    shutil.copy(installed_deb, archives / installed_deb.name)
+    for name in (LIBRARY, "opq-box-updater"):
+        shutil.copy(installed[name], archives / installed[name].name)
     run_cron_line(root)
     status = root.sh("dpkg-query -W -f '${Version} ${Status}' opq-box-updater").stdout
     assert status == f"{version} install ok installed"
@@ -492,14 +497,14 @@ def check_logrotate(root: Root) -> None:
 
 
 def check_remove_and_purge(root: Root, baseline: dict[str, str]) -> None:
-    root.sh("apt-get remove -y opq-box-publisher opq-box-updater")
+    root.sh(f"apt-get remove -y opq-box-publisher opq-box-updater {LIBRARY}")
     assert not root.file("/usr/bin/opq-box-updater").exists()
     assert root.file(CONFIG).is_file(), "remove keeps the configuration"
     assert root.file("/etc/cron.d/opq-box-updater").is_file(), "remove keeps conffiles"
     guard = root.sh(cron_command(root), check=False)
     assert (guard.returncode, guard.stdout, guard.stderr) == (1, "", ""), guard
 
-    root.sh(f"dpkg --purge opq-box-publisher opq-box-updater {PAYLOAD}")
+    root.sh(f"dpkg --purge opq-box-publisher opq-box-updater {LIBRARY} {PAYLOAD}")
     assert "opq-box-updater" not in root.sh("debconf-show opq-box-updater").stdout
     for db in ("config.dat", "templates.dat"):
         assert "opq-box-updater/" not in root.file(f"/var/cache/debconf/{db}").read_text(), db
@@ -516,19 +521,20 @@ def test_debian_packages_in_a_clean_root(clean_root: Root, repo_server: tuple[Pa
     first = build_debs(tmp_path / "dist1")
     second = build_debs(tmp_path / "dist2", trust_root=anchor, version=f"{version}+test2")
     third = build_debs(tmp_path / "dist3", trust_root=anchor, version=f"{version}+test3")
-    assert set(first) == set(second) == {"opq-box-updater", "opq-box-publisher"}
+    assert set(first) == set(second) == {"opq-box-updater", "opq-box-publisher", LIBRARY}
 
     baseline = snapshot(root.path)
 
     preseed(root, FIRST_URL)
-    shutil.copy(first["opq-box-updater"], root.file("/tmp"))
-    root.sh(f"cd /tmp && apt-get install -y ./{first['opq-box-updater'].name}")
+    for name in ("opq-box-updater", LIBRARY):
+        shutil.copy(first[name], root.file("/tmp"))
+    root.sh(f"cd /tmp && apt-get install -y ./{first['opq-box-updater'].name} "
+            f"./{first[LIBRARY].name}")
     check_fresh_install(root)
 
     config = check_reconfigure_and_admin_edits(root, url)
     check_upgrade(root, second, f"{version}+test2", config)
     check_update_cycle(root)
-    check_self_upgrade(root, repo, third["opq-box-updater"], f"{version}+test3", config,
-                       second["opq-box-updater"])
+    check_self_upgrade(root, repo, third, f"{version}+test3", config, second)
     check_logrotate(root)
     check_remove_and_purge(root, baseline)
