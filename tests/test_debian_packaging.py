@@ -207,7 +207,8 @@ def nginx_repo(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     site = (PROJECT / "docs/nginx/opq-box-repo.conf").read_text()
     site, listens = re.subn(r"listen 127\.0\.0\.1:\d+;", f"listen 127.0.0.1:{port};", site)
     site, roots = re.subn(r"root /srv/opq-box-repo;", f"root {repo};", site)
-    assert listens == roots == 1
+    site, aliases = re.subn(r"alias /srv/opq-box-apt/;", f"alias {tmp_path / 'apt'}/;", site)
+    assert listens == roots == aliases == 1
     (tmp_path / "site.conf").write_text(site)
     temp = tmp_path / "temp"
     temp.mkdir()
@@ -275,6 +276,37 @@ def test_nginx_site_serves_a_repository(nginx_repo: tuple[str, Path]) -> None:
     for path in (".version.json.tmp", "", "root/", "packages/", "packages/x.zip",
                  "version-beta.json"):
         assert _get(base + path)[0] == 404, path
+
+
+def test_nginx_site_serves_the_apt_repository(nginx_repo: tuple[str, Path]) -> None:
+    """The /apt/ location (issue 8): exactly the files of an apt repository that
+    scripts/apt-repo writes, Release files and indexes revalidated, by-hash and pool
+    immutable, half-written dotfiles and listings never."""
+    base, repo = nginx_repo
+    apt = repo.parent / "apt"
+    dists = apt / "dists/bookworm"
+    by_hash = dists / "main/binary-armhf/by-hash/SHA256"
+    by_hash.mkdir(parents=True)
+    (apt / "pool/main").mkdir(parents=True)
+    files = {"dists/bookworm/InRelease": "no-cache", "dists/bookworm/Release": "no-cache",
+             "dists/bookworm/Release.gpg": "no-cache",
+             "dists/bookworm/main/binary-armhf/Packages": "no-cache",
+             "dists/bookworm/main/binary-armhf/Packages.gz": "no-cache",
+             "dists/bookworm/main/binary-armhf/by-hash/SHA256/" + "0f" * 32: "immutable",
+             "pool/main/opq-box-updater_1.1.0+site2_all.deb": "immutable"}
+    for name in files:
+        (apt / name).write_text(name)
+    for name, cache in files.items():
+        status, headers, body = _get(base + "apt/" + name)
+        assert (status, body.decode()) == (200, name), name
+        assert cache in headers["Cache-Control"], name
+    for name in ("dists/bookworm/.Release.tmp", "dists/bookworm/main/binary-armhf/by-hash/"
+                 "SHA256/.0f.tmp", ".stage.x/dists/bookworm/InRelease", "pool/main/.x.deb",
+                 "pool/main/x.txt", "", "dists/", "pool/main/"):
+        (apt / name).parent.mkdir(parents=True, exist_ok=True)
+        if name and not name.endswith("/"):
+            (apt / name).write_text("hidden")
+        assert _get(base + "apt/" + name)[0] == 404, name
 
 
 # --- the maintainer scripts with a stand-in for debconf (issue 13, 2 and 3) -----------------
