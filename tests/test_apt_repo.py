@@ -51,11 +51,9 @@ def apt_repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
         require_tool(tool)
     base = tmp_path_factory.mktemp("apt-repo")
     pool = base / "repo"
-    for name, version, control in (
-            ("libimg", "1.0", {}), ("libimg", "2.0", {}), ("gone", "1.0", {}),
-            ("libdep", "1.0", {}), ("librec", "1.0", {}), ("libold", "1.0", {})):
-        make_deb(pool, name, version, files={f"usr/share/{name}/version": version},
-                 extra_control=control)
+    for name, version in (("libimg", "1.0"), ("libimg", "2.0"), ("gone", "1.0"),
+                          ("libdep", "1.0"), ("librec", "1.0"), ("libold", "1.0")):
+        make_deb(pool, name, version, files={f"usr/share/{name}/version": version})
     scan = subprocess.run(["dpkg-scanpackages", "--multiversion", "."], cwd=pool,
                           env=child_env(), capture_output=True, text=True, check=True)
     (pool / "Packages").write_text(scan.stdout)
