@@ -92,6 +92,31 @@ def build_package(out: Path, *, version: int, debs: Sequence[Path] = (),
     return manifest
 
 
+def rebuild_package(src: Path, out: Path, *, version: int) -> Manifest:
+    """Write to ``out`` a package with ``src``'s contents under a new ``version`` (``recall``).
+
+    ``src`` is extracted with the box's own code (:func:`inspect_package`'s checks: a package
+    boxes would refuse is refused); every member is kept, manifest fields other than the
+    version unchanged, the run and health scripts 0755, other files 0644, deterministic
+    like :func:`build_package`.
+    """
+    if type(version) is not int or version < 1:
+        raise PublishError(f"version must be a positive integer, not {version!r}")
+    old = inspect_package(src)
+    manifest = Manifest(old.format, version, old.debs, old.run, old.healthcheck)
+    scripts = {old.run, old.healthcheck}
+    with tempfile.TemporaryDirectory(prefix="opq-publish-rebuild-") as tmp:
+        workdir = extract_package(src, Path(tmp), max_unpacked_bytes=MAX_UNPACKED_BYTES)
+        files = sorted(p for p in workdir.rglob("*") if p.is_file()
+                       and p.relative_to(workdir).as_posix() != MANIFEST_NAME)
+        with atomic_file(out.absolute()) as handle, zipfile.ZipFile(handle, "w") as zf:
+            _write_member(zf, MANIFEST_NAME, manifest_bytes(manifest), 0o644)
+            for path in files:
+                name = path.relative_to(workdir).as_posix()
+                _stream_member(zf, name, path, 0o755 if name in scripts else 0o644)
+    return manifest
+
+
 def manifest_bytes(manifest: Manifest) -> bytes:
     """``manifest.json`` as the builder writes it (sorted keys, one trailing newline)."""
     doc = {"format": manifest.format, "version": manifest.version, "debs": list(manifest.debs),

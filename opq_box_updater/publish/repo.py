@@ -51,6 +51,7 @@ from ..metadata import (
     verify_role,
     verify_trust_anchor,
 )
+from . import history
 from .build import inspect_package
 from .common import (
     CHUNK,
@@ -343,13 +344,13 @@ def store_package(repo: Path, package_zip: Path) -> Iterator[tuple[Path, Package
         raise
 
 
-@_locked
-def publish_release(repo: Path, keydir: Path, package_zip: Path, *,
-                    expires: timedelta = DEFAULT_RELEASE_EXPIRES, rollout: int = 100,
-                    version_file: str = DEFAULT_VERSION_FILE, notes: str = "",
-                    force: bool = False, passphrase: bytes | None = None,
-                    now: datetime | None = None) -> Release:
-    """Publish ``package_zip`` as the release in ``version_file``.
+def publish_release_unlocked(repo: Path, keydir: Path, package_zip: Path, *,
+                             expires: timedelta = DEFAULT_RELEASE_EXPIRES, rollout: int = 100,
+                             version_file: str = DEFAULT_VERSION_FILE, notes: str = "",
+                             force: bool = False, passphrase: bytes | None = None,
+                             now: datetime | None = None, action: str = "release") -> Release:
+    """Publish ``package_zip`` as the release in ``version_file`` (the caller holds the
+    repository lock; :func:`publish_release` takes it).
 
     The release version is the manifest's. Refuses a package boxes would refuse, and a
     version not above the one already in ``version_file`` unless ``force``. The package is
@@ -387,15 +388,21 @@ def publish_release(repo: Path, keydir: Path, package_zip: Path, *,
         data = _sign_release(root, store, signed, now)
     _check_unchanged(repo, version_file, current)
     atomic_write(repo / version_file, data)
+    history.record(repo, action, version_file, data, now, notes)
     _warn_expiry(root, now, now + expires)
     return parse_release(parse_envelope(data))
 
 
-@_locked
-def refresh_release(repo: Path, keydir: Path, *, expires: timedelta = DEFAULT_RELEASE_EXPIRES,
-                    version_file: str = DEFAULT_VERSION_FILE, rollout: int | None = None,
-                    passphrase: bytes | None = None, now: datetime | None = None) -> Release:
-    """Re-sign the current release with a later ``expires`` (DESIGN 2.3).
+publish_release = _locked(publish_release_unlocked)
+
+
+def refresh_release_unlocked(repo: Path, keydir: Path, *,
+                             expires: timedelta = DEFAULT_RELEASE_EXPIRES,
+                             version_file: str = DEFAULT_VERSION_FILE, rollout: int | None = None,
+                             passphrase: bytes | None = None, now: datetime | None = None,
+                             action: str = "refresh") -> Release:
+    """Re-sign the current release with a later ``expires`` (DESIGN 2.3); the caller holds
+    the repository lock (:func:`refresh_release` takes it).
 
     Keeps version, package and notes; moves ``issued`` forward (strictly, so boxes see a
     newer copy of the same version); names the newest root; ``rollout`` optionally widens
@@ -420,8 +427,12 @@ def refresh_release(repo: Path, keydir: Path, *, expires: timedelta = DEFAULT_RE
     data = _sign_release(root, KeyStore(keydir, passphrase), signed, now)
     _check_unchanged(repo, version_file, current)
     atomic_write(repo / version_file, data)
+    history.record(repo, action, version_file, data, now)
     _warn_expiry(root, now, issued + expires)
     return parse_release(parse_envelope(data))
+
+
+refresh_release = _locked(refresh_release_unlocked)
 
 
 def _current_release(repo: Path, version_file: str, force: bool) -> Release | None:
@@ -534,6 +545,7 @@ def rotate_role(repo: Path, keydir: Path, role: str, *, add: Sequence[str] = (),
     atomic_write(root_file(repo, new.version), data)
     for path, release_data in releases:
         atomic_write(path, release_data)
+        history.record(repo, "rotate", path.name, release_data, now)
     _warn_expiry(new, now)
     return RotateResult(new, tuple(generated), tuple(p.name for p, _ in releases))
 

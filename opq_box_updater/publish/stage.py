@@ -1,0 +1,218 @@
+"""Moving a rollout between stages: ``rollout status``, ``widen``, ``halt`` and ``recall``.
+
+Each step holds the repository lock that ``release``/``refresh``/``rotate`` hold, signs with
+the release keys through :mod:`.repo` (what it writes, a box accepts), and is recorded in the
+release history (:mod:`.history`). The fleet's reports are passed in (read from the
+collector's store by the CLI); the numbers come from :mod:`.rollout`.
+
+**Recall** publishes, as a new version above every version the channel has published, the
+package content of the *last good* release: the newest earlier release of the channel, with
+other content than the current one, that no box lists in its ``failed_versions`` (or the
+one ``to_version`` names). It is found in the history, and used only when its signed
+envelope verifies with the repository's own root chain and its package file still has the
+signed sha256 and length: the history file is not trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from ..errors import RepositoryError
+from ..metadata import Release, parse_envelope, parse_release, verify_role
+from . import history
+from .build import rebuild_package
+from .common import DEFAULT_RELEASE_EXPIRES, PublishError, normalize_now, repo_lock, sha256_file
+from .repo import (
+    DEFAULT_VERSION_FILE,
+    load_chain,
+    publish_release_unlocked,
+    read_release,
+    refresh_release_unlocked,
+    version_files,
+)
+from .rollout import (
+    DEFAULT_MAX_FAILURE_RATE,
+    BoxView,
+    Health,
+    ReleaseRef,
+    health,
+    widen_refusal,
+)
+
+#: Earlier releases ``rollout status`` shows per channel besides the current one.
+EARLIER_SHOWN = 3
+
+
+class UnhealthyRolloutError(PublishError):
+    """``widen`` refused: the current stage fails too often (exit 4; ``--force`` overrides)."""
+
+
+@dataclass(frozen=True)
+class Signed:
+    """A release of the history whose envelope verified; ``since`` = first published."""
+
+    release: Release
+    since: datetime
+    rollout: int  # its percentage in the newest entry
+
+
+def signed_releases(repo: Path, channel: str) -> list[Signed]:
+    """The channel's releases in the history whose signatures verify, one per version
+    (newest entry wins), oldest version first. Entries that do not verify are skipped."""
+    chain = {root.version: root for root in load_chain(repo)}
+    found: dict[int, Signed] = {}
+    for entry in history.entries(repo, channel):
+        try:
+            data = json.dumps(entry.envelope).encode("utf-8")
+            envelope = parse_envelope(data)
+            release = parse_release(envelope)
+            root = chain.get(release.root_version)
+            if root is None or release.channel != channel or release.version != entry.version:
+                continue
+            verify_role(envelope, root, "release", channel)
+        except RepositoryError:
+            continue
+        first = found.get(release.version)
+        found[release.version] = Signed(release, first.since if first else entry.time,
+                                        release.rollout_percent)
+    return [found[v] for v in sorted(found)]
+
+
+def release_ref(release: Release, known: Sequence[Signed]) -> ReleaseRef:
+    since = next((s.since for s in known if s.release.version == release.version),
+                 release.issued)
+    return ReleaseRef(release.channel, release.version, release.rollout_percent, since)
+
+
+def status(repo: Path, boxes: Sequence[BoxView], now: datetime | None = None) -> list[Health]:
+    """Every channel's current release and up to :data:`EARLIER_SHOWN` earlier ones."""
+    now = normalize_now(now)
+    rows: list[Health] = []
+    for path in version_files(repo):
+        current = read_release(repo, path.name)
+        if current is None:
+            continue
+        known = signed_releases(repo, path.name)
+        rows.append(health(release_ref(current, known), boxes, now))
+        earlier = [s for s in known if s.release.version < current.version][-EARLIER_SHOWN:]
+        for item in reversed(earlier):
+            ref = ReleaseRef(path.name, item.release.version, item.rollout, item.since)
+            rows.append(health(ref, boxes, now))
+    return rows
+
+
+def _current(repo: Path, version_file: str) -> Release:
+    current = read_release(repo, version_file)
+    if current is None:
+        raise PublishError(f"{repo / version_file} does not exist; publish a release first")
+    return current
+
+
+def widen(repo: Path, keydir: Path, to: int, boxes: Sequence[BoxView], *,
+          version_file: str = DEFAULT_VERSION_FILE,
+          max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE, force: bool = False,
+          expires: timedelta = DEFAULT_RELEASE_EXPIRES, passphrase: bytes | None = None,
+          now: datetime | None = None) -> tuple[Release, Health]:
+    """Raise the current release's percentage to ``to``, unless the stage's failure rate
+    is above ``max_failure_rate`` percent (:class:`UnhealthyRolloutError`; ``force``
+    overrides). Returns the re-signed release and the health it was decided on."""
+    now = normalize_now(now)
+    repo = repo.absolute()
+    with repo_lock(repo):
+        current = _current(repo, version_file)
+        if to <= current.rollout_percent:
+            raise PublishError(f"{version_file} v{current.version} is already at "
+                               f"{current.rollout_percent}%; widen goes up (to stop it: "
+                               "opq-box-publish rollout halt)")
+        seen = health(release_ref(current, signed_releases(repo, version_file)), boxes, now)
+        why = widen_refusal(seen, max_failure_rate)
+        if why is not None and not force:
+            raise UnhealthyRolloutError(f"not widened: {why}; halt it (opq-box-publish "
+                                        "rollout halt) or recall it, or widen with --force")
+        release = refresh_release_unlocked(
+            repo, keydir, expires=expires, version_file=version_file, rollout=to,
+            passphrase=passphrase, now=now, action="widen")
+    return release, seen
+
+
+def halt(repo: Path, keydir: Path, *, version_file: str = DEFAULT_VERSION_FILE,
+         expires: timedelta = DEFAULT_RELEASE_EXPIRES, passphrase: bytes | None = None,
+         now: datetime | None = None) -> Release:
+    """Re-sign the current release at 0 % with a later ``issued``, so every box that polls
+    accepts it at once and no further box takes it (boxes that have it keep it)."""
+    now = normalize_now(now)
+    repo = repo.absolute()
+    with repo_lock(repo):
+        _current(repo, version_file)
+        return refresh_release_unlocked(repo, keydir, expires=expires,
+                                        version_file=version_file, rollout=0,
+                                        passphrase=passphrase, now=now, action="halt")
+
+
+def last_good(current: Release, known: Sequence[Signed], boxes: Sequence[BoxView],
+              to_version: int | None = None) -> Signed:
+    """The release whose content ``recall`` re-publishes (module docstring)."""
+    earlier = [s for s in known if s.release.version < current.version]
+    if to_version is not None:
+        for item in earlier:
+            if item.release.version == to_version:
+                return item
+        versions = ", ".join(f"v{s.release.version}" for s in earlier) or "none"
+        raise PublishError(f"--to-version {to_version}: no signed release of "
+                           f"{current.channel} below v{current.version} with that version in "
+                           f"the history (known: {versions})")
+    failed = {v for b in boxes if b.channel == current.channel for v in b.failed_versions}
+    for item in reversed(earlier):
+        if (item.release.package.sha256 != current.package.sha256
+                and item.release.version not in failed):
+            return item
+    raise PublishError(f"no earlier release of {current.channel} without failures and with "
+                       f"other content than v{current.version} in the history "
+                       f"({history.HISTORY_FILE}); name one with --to-version, or build and "
+                       "release the known-good content yourself")
+
+
+@dataclass(frozen=True)
+class Recall:
+    """What :func:`recall` published."""
+
+    release: Release
+    recalled: Release  # the bad release it replaces
+    source: Release  # the last good release whose content it carries
+
+
+def recall(repo: Path, keydir: Path, boxes: Sequence[BoxView], *,
+           version_file: str = DEFAULT_VERSION_FILE, to_version: int | None = None,
+           rollout: int = 100, expires: timedelta = DEFAULT_RELEASE_EXPIRES,
+           passphrase: bytes | None = None, now: datetime | None = None) -> Recall:
+    """Publish the last good release's content as a new version above every version the
+    channel has published, at ``rollout`` percent (default everyone)."""
+    now = normalize_now(now)
+    repo = repo.absolute()
+    with repo_lock(repo):
+        current = _current(repo, version_file)
+        known = signed_releases(repo, version_file)
+        source = last_good(current, known, boxes, to_version).release
+        package = repo / source.package.path
+        try:
+            intact = sha256_file(package) == (source.package.sha256, source.package.length)
+        except OSError:
+            intact = False
+        if not intact:
+            raise PublishError(f"the package of v{source.version} ({source.package.path}) is "
+                               "missing or no longer matches its signed sha256; nothing was "
+                               "published")
+        version = max([current.version, *(s.release.version for s in known)]) + 1
+        with tempfile.TemporaryDirectory(prefix="opq-publish-recall-") as tmp:
+            rebuilt = Path(tmp) / f"recall-{version}.zip"
+            rebuild_package(package, rebuilt, version=version)
+            release = publish_release_unlocked(
+                repo, keydir, rebuilt, expires=expires, rollout=rollout,
+                version_file=version_file, passphrase=passphrase, now=now, action="recall",
+                notes=f"recall of v{current.version}: the content of v{source.version}")
+    return Recall(release, current, source)

@@ -1,0 +1,326 @@
+"""Rollout health (issue 10, item 3): the numbers, widen's gate, halt and recall.
+
+The health numbers are pure functions over report records; the steps run against a real
+repository and every document they write is checked with the box's own verifier. A refused
+step must leave the repository (version files and history) byte for byte unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import tree_digest
+
+from opq_box_updater.metadata import Floors, parse_envelope, parse_release, verify_release
+from opq_box_updater.publish import build, history, repo, rollout, stage
+from opq_box_updater.publish.common import PublishError
+
+NOW = datetime(2031, 3, 1, 12, 0, 0, tzinfo=UTC)
+DAY = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class Rec:
+    """A stored report as the collector's store returns it (ReportRecord's fields)."""
+
+    box_id: str
+    received: datetime
+    report: dict[str, Any]
+    status: str = "accepted"
+    remote: str = "127.0.0.1"
+    key_id: str | None = None
+
+
+def bucket(box_id: str, version: int) -> int:
+    """DESIGN 2.3's bucket, written out here rather than imported from the product."""
+    return int(hashlib.sha256(f"{box_id}:{version}".encode()).hexdigest(), 16) % 100
+
+
+def boxes_where(pred: Any, count: int, version: int, prefix: str = "box") -> list[str]:
+    """``count`` box ids whose bucket for ``version`` satisfies ``pred``."""
+    found: list[str] = []
+    n = 0
+    while len(found) < count:
+        name = f"{prefix}-{n:04d}"
+        if pred(bucket(name, version)):
+            found.append(name)
+        n += 1
+    return found
+
+
+def report(box_id: str, result: str, installed: int, *, failed: tuple[int, ...] = (),
+           channel: str = "version.json", **extra: Any) -> dict[str, Any]:
+    return {"box_id": box_id, "last_result": result, "installed_version": installed,
+            "failed_versions": list(failed), "channel": channel, "release_version": None,
+            "last_run": "2031-03-01T00:00:00Z", "error": None, **extra}
+
+
+# --- the numbers ---------------------------------------------------------------------------
+
+
+def test_health_counts_each_kind_of_box() -> None:
+    v, since = 7, NOW - DAY
+    inside = boxes_where(lambda b: b < 10, 6, v)
+    outside = boxes_where(lambda b: b >= 10, 2, v)
+    records = [
+        Rec(inside[0], NOW, report(inside[0], "updated", 7)),
+        Rec(inside[1], NOW, report(inside[1], "apply-failed", 6, failed=(7,))),
+        Rec(inside[2], NOW, report(inside[2], "refused", 6)),  # after the release: failed
+        Rec(inside[3], since - DAY, report(inside[3], "refused", 6)),  # before: not seen
+        Rec(inside[4], NOW, report(inside[4], "postponed", 6)),  # waiting
+        Rec(inside[5], NOW - 3 * DAY, report(inside[5], "up-to-date", 6)),  # stale
+        Rec(outside[0], NOW, report(outside[0], "outside-rollout", 6)),
+        Rec(outside[1], NOW, report(outside[1], "updated", 7, channel="version-beta.json")),
+        Rec("conflicted", NOW, report("conflicted", "updated", 7), status="conflict"),
+    ]
+    boxes = rollout.latest_views(records)
+    h = rollout.health(rollout.ReleaseRef("version.json", v, 10, since), boxes, NOW)
+    assert (h.boxes, h.in_bucket, h.updated, h.failed, h.waiting, h.not_seen, h.stale) == (
+        7, 6, 1, 2, 1, 2, 1)
+    assert h.tried == 3 and h.failure_rate == pytest.approx(200 / 3)
+    beta = rollout.health(rollout.ReleaseRef("version-beta.json", v, 10, since), boxes, NOW)
+    assert (beta.boxes, beta.updated, beta.in_bucket) == (1, 1, 0)
+
+
+def test_newest_report_wins_and_conflicts_never_count() -> None:
+    records = [Rec("a", NOW - DAY, report("a", "apply-failed", 1, failed=(2,))),
+               Rec("a", NOW, report("a", "updated", 3)),
+               Rec("a", NOW + DAY, report("a", "refused", 0, failed=(3,)), status="conflict")]
+    [view] = rollout.latest_views(records)
+    assert (view.installed, view.result, view.failed_versions) == (3, "updated", frozenset())
+
+
+@pytest.mark.parametrize("value", ["7", True, 7.0, [7], None, -1, 2**64, {"v": 7}])
+def test_hostile_report_fields_count_as_absent(value: Any) -> None:
+    rec = Rec("x", NOW, {"box_id": "x", "installed_version": value, "last_result": 5,
+                         "channel": ["version.json"], "failed_versions": [value, "2", 3],
+                         "error": ["no"]})
+    view = rollout.box_view(rec)
+    assert view.installed is None and view.result is None and view.error is None
+    assert view.channel == rollout.DEFAULT_CHANNEL and view.failed_versions == {3}
+    assert not rollout.is_updated(view, 1)
+
+
+def test_a_report_that_is_not_an_object_is_an_unknown_box() -> None:
+    view = rollout.box_view(Rec("x", NOW, "text"))  # type: ignore[arg-type]
+    assert (view.installed, view.result, view.channel) == (None, None, "version.json")
+
+
+def test_installed_release_of_another_channel_is_not_this_channels() -> None:
+    rec = Rec("x", NOW, report("x", "up-to-date", 9, installed_channel="version-beta.json"))
+    assert rollout.box_view(rec).installed == 0
+
+
+def test_widen_gate_is_strictly_above_the_threshold() -> None:
+    ref = rollout.ReleaseRef("version.json", 2, 10, NOW)
+    at = rollout.Health(ref, 100, 20, updated=19, failed=1, waiting=0, not_seen=0, stale=0)
+    assert at.failure_rate == 5.0 and rollout.widen_refusal(at, 5.0) is None
+    above = rollout.Health(ref, 100, 20, updated=18, failed=1, waiting=0, not_seen=0, stale=0)
+    assert "1 of 19 boxes" in str(rollout.widen_refusal(above, 5.0))
+    nobody = rollout.Health(ref, 100, 20, updated=0, failed=0, waiting=0, not_seen=20, stale=0)
+    assert nobody.failure_rate == 0.0 and rollout.widen_refusal(nobody, 0.0) is None
+
+
+def test_format_health_is_a_table() -> None:
+    ref = rollout.ReleaseRef("version.json", 2, 10, NOW)
+    text = rollout.format_health([rollout.Health(ref, 5, 1, 1, 0, 0, 0, 0)])
+    header, row = text.splitlines()
+    assert header.split()[:3] == ["CHANNEL", "RELEASE", "ROLLOUT"]
+    assert row.split() == ["version.json", "v2", "10%", "5", "1", "1", "0", "0", "0", "0",
+                           "0.0%"]
+
+
+# --- the steps on a real repository --------------------------------------------------------
+
+
+def run_script(version: int) -> bytes:
+    return f"#!/bin/sh\necho content-{version}\n".encode()
+
+
+@pytest.fixture
+def rolled(tmp_path: Path) -> Path:
+    """A repository with v1 (good, 100 %) and v2 (bad, 10 %) in version.json."""
+    repo_dir, keydir = tmp_path / "repo", tmp_path / "keys"
+    repo.init_repo(repo_dir, keydir, now=NOW - 30 * DAY)
+    for version, rollout_pct, when in ((1, 100, NOW - 20 * DAY), (2, 10, NOW - DAY)):
+        script = tmp_path / "update.sh"
+        script.write_bytes(run_script(version))
+        zip_path = tmp_path / f"p{version}.zip"
+        build.build_package(zip_path, version=version, run=script)
+        repo.publish_release(repo_dir, keydir, zip_path, rollout=rollout_pct, now=when)
+    return repo_dir
+
+
+def keys_of(repo_dir: Path) -> Path:
+    return repo_dir.parent / "keys"
+
+
+def bad_stage(version: int = 2, failures: int = 2, successes: int = 3) -> list[rollout.BoxView]:
+    """Boxes of v``version``'s 10 % stage: some failed it, some took it, the rest on v1."""
+    ids = boxes_where(lambda b: b < 10, failures + successes, version)
+    others = boxes_where(lambda b: b >= 10, 5, version)
+    recs = [Rec(b, NOW, report(b, "apply-failed", 1, failed=(version,)))
+            for b in ids[:failures]]
+    recs += [Rec(b, NOW, report(b, "updated", version)) for b in ids[failures:]]
+    recs += [Rec(b, NOW, report(b, "outside-rollout", 1)) for b in others]
+    return rollout.latest_views(recs)
+
+
+def current(repo_dir: Path) -> Any:
+    return parse_release(parse_envelope((repo_dir / "version.json").read_bytes()))
+
+
+def box_accepts(repo_dir: Path, seen: Any) -> Any:
+    """What a box that saw ``seen`` makes of the version file now (raises if it refuses)."""
+    root = repo.load_chain(repo_dir)[-1]
+    return verify_release(root, (repo_dir / "version.json").read_bytes(), NOW,
+                          Floors(seen.version, seen.issued))
+
+
+def test_widen_is_refused_above_the_failure_rate_and_changes_nothing(rolled: Path) -> None:
+    before = tree_digest(rolled)
+    with pytest.raises(stage.UnhealthyRolloutError, match=r"2 of 5 boxes .*40\.0%"):
+        stage.widen(rolled, keys_of(rolled), 50, bad_stage(), now=NOW)
+    assert tree_digest(rolled) == before
+    # A threshold above the stage's rate lets it through; so does force.
+    old = current(rolled)
+    release, seen = stage.widen(rolled, keys_of(rolled), 30, bad_stage(),
+                                max_failure_rate=45.0, now=NOW)
+    assert (release.rollout_percent, release.version, seen.failed) == (30, 2, 2)
+    assert box_accepts(rolled, old).rollout_percent == 30
+    release, _ = stage.widen(rolled, keys_of(rolled), 50, bad_stage(), force=True, now=NOW)
+    assert release.rollout_percent == 50
+    actions = [(e.action, e.rollout) for e in history.entries(rolled)]
+    assert actions[-2:] == [("widen", 30), ("widen", 50)]
+
+
+def test_widen_goes_up_only(rolled: Path) -> None:
+    before = tree_digest(rolled)
+    with pytest.raises(PublishError, match="already at 10%"):
+        stage.widen(rolled, keys_of(rolled), 10, [], now=NOW)
+    assert tree_digest(rolled) == before
+
+
+def test_halt_sets_zero_with_a_later_issued_boxes_accept(rolled: Path) -> None:
+    old = current(rolled)
+    halted = stage.halt(rolled, keys_of(rolled), now=NOW)
+    assert (halted.version, halted.rollout_percent, halted.package) == (2, 0, old.package)
+    assert halted.issued > old.issued
+    assert box_accepts(rolled, old).rollout_percent == 0
+    assert history.entries(rolled)[-1].action == "halt"
+    # A halted release with failures is not widened again without --force.
+    with pytest.raises(stage.UnhealthyRolloutError):
+        stage.widen(rolled, keys_of(rolled), 10, bad_stage(), now=NOW)
+
+
+def members(zip_path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(zip_path) as zf:
+        return {n: zf.read(n) for n in zf.namelist()}
+
+
+def test_recall_publishes_the_last_good_content_as_a_new_version(rolled: Path) -> None:
+    stage.halt(rolled, keys_of(rolled), now=NOW)
+    seen = current(rolled)
+    result = stage.recall(rolled, keys_of(rolled), bad_stage(), now=NOW + timedelta(hours=1))
+    new = result.release
+    assert (result.recalled.version, result.source.version, new.version) == (2, 1, 3)
+    assert new.rollout_percent == 100 and "recall of v2" in new.notes
+    box_accepts(rolled, seen)  # a box on v2 takes v3: forward, not a rollback
+    got = members(rolled / new.package.path)
+    want = members(rolled / result.source.package.path)
+    assert json.loads(got.pop("manifest.json"))["version"] == 3
+    assert json.loads(want.pop("manifest.json"))["version"] == 1
+    assert got == want and got["update.sh"] == run_script(1)
+    assert history.entries(rolled)[-1].action == "recall"
+
+
+def test_recall_skips_releases_boxes_failed_and_honours_to_version(rolled: Path,
+                                                                  tmp_path: Path) -> None:
+    # v3 is bad too: last good is v1, skipping v2 (failed on boxes) and v3 (current).
+    script = tmp_path / "update.sh"
+    script.write_bytes(run_script(3))
+    build.build_package(tmp_path / "p3.zip", version=3, run=script)
+    repo.publish_release(rolled, keys_of(rolled), tmp_path / "p3.zip", rollout=10, now=NOW)
+    boxes = bad_stage(2) + bad_stage(3)
+    assert stage.recall(rolled, keys_of(rolled), boxes, now=NOW).source.version == 1
+    with pytest.raises(PublishError, match="--to-version 9"):
+        stage.recall(rolled, keys_of(rolled), boxes, to_version=9, now=NOW)
+    chosen = stage.recall(rolled, keys_of(rolled), boxes, to_version=3, now=NOW)
+    assert (chosen.source.version, chosen.release.version) == (3, 5)
+
+
+def test_recall_keeps_every_member_of_the_package(tmp_path: Path) -> None:
+    src = tmp_path / "src.zip"
+    with zipfile.ZipFile(src, "w") as zf:
+        zf.writestr("manifest.json", json.dumps({"format": 1, "version": 4, "debs": [],
+                                                 "run": "go.sh", "healthcheck": "hc.sh"}))
+        zf.writestr("go.sh", "#!/bin/sh\n. ./data/conf\n")
+        zf.writestr("hc.sh", "#!/bin/sh\ntrue\n")
+        zf.writestr("data/conf", "x=1\n")
+    manifest = build.rebuild_package(src, tmp_path / "out.zip", version=9)
+    assert (manifest.version, manifest.run, manifest.healthcheck) == (9, "go.sh", "hc.sh")
+    got = members(tmp_path / "out.zip")
+    assert sorted(got) == ["data/conf", "go.sh", "hc.sh", "manifest.json"]
+    assert build.inspect_package(tmp_path / "out.zip") == manifest
+    # Deterministic: the same input gives the same bytes (the same packages/<sha>.zip).
+    build.rebuild_package(src, tmp_path / "again.zip", version=9)
+    assert (tmp_path / "again.zip").read_bytes() == (tmp_path / "out.zip").read_bytes()
+
+
+def test_recall_trusts_no_history_entry_it_cannot_verify(rolled: Path, tmp_path: Path) -> None:
+    """An attacker who can write the history (not the keys) names their own package as v1:
+    recall ignores the forged entry and uses the signed one."""
+    evil_script = tmp_path / "evil.sh"
+    evil_script.write_bytes(b"#!/bin/sh\nrm -rf /\n")
+    build.build_package(tmp_path / "evil.zip", version=1, run=evil_script)
+    evil = repo.store_package(rolled, tmp_path / "evil.zip")
+    lines = history.history_path(rolled).read_text().splitlines()
+    forged = json.loads(lines[0])
+    forged["envelope"]["signed"]["package"] = evil._asdict()
+    forged["time"] = "2031-02-25T00:00:00Z"
+    with history.history_path(rolled).open("a") as handle:
+        handle.write(json.dumps(forged) + "\n")
+    result = stage.recall(rolled, keys_of(rolled), bad_stage(), now=NOW)
+    assert members(rolled / result.release.package.path)["update.sh"] == run_script(1)
+
+
+def test_recall_refuses_a_package_changed_on_disk(rolled: Path) -> None:
+    v1 = stage.signed_releases(rolled, "version.json")[0].release
+    path = rolled / v1.package.path
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    before = tree_digest(rolled)
+    with pytest.raises(PublishError, match="no longer matches its signed sha256"):
+        stage.recall(rolled, keys_of(rolled), bad_stage(), now=NOW)
+    assert tree_digest(rolled) == before
+
+
+def test_recall_without_a_good_earlier_release_changes_nothing(rolled: Path) -> None:
+    boxes = bad_stage(1) + bad_stage(2)  # v1 failed on boxes too
+    before = tree_digest(rolled)
+    with pytest.raises(PublishError, match="no earlier release"):
+        stage.recall(rolled, keys_of(rolled), boxes, now=NOW)
+    assert tree_digest(rolled) == before
+
+
+def test_status_shows_current_and_earlier_releases(rolled: Path) -> None:
+    rows = stage.status(rolled, bad_stage(), NOW)
+    assert [(h.release.version, h.release.rollout) for h in rows] == [(2, 10), (1, 100)]
+    assert rows[0].release.since == NOW - DAY  # first published, from the history
+    assert (rows[0].failed, rows[0].updated, rows[1].updated) == (2, 3, 10)
+
+
+def test_history_survives_a_torn_line(rolled: Path) -> None:
+    path = history.history_path(rolled)
+    with path.open("ab") as handle:
+        handle.write(b'{"time": "2031-')  # a power cut mid-append
+    stage.halt(rolled, keys_of(rolled), now=NOW)
+    assert [e.action for e in history.entries(rolled)] == ["release", "release", "halt"]
