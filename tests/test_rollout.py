@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,21 +20,16 @@ from conftest import tree_digest
 from opq_box_updater.metadata import Floors, parse_envelope, parse_release, verify_release
 from opq_box_updater.publish import build, history, repo, rollout, stage
 from opq_box_updater.publish.common import PublishError
+from opq_box_updater.publish.store import ReportRecord
 
 NOW = datetime(2031, 3, 1, 12, 0, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
 
 
-@dataclass(frozen=True)
-class Rec:
-    """A stored report as the collector's store returns it (ReportRecord's fields)."""
-
-    box_id: str
-    received: datetime
-    report: dict[str, Any]
-    status: str = "accepted"
-    remote: str = "127.0.0.1"
-    key_id: str | None = None
+def Rec(box_id: str, received: datetime, report: dict[str, Any],
+        status: str = "accepted") -> ReportRecord:
+    """A stored report as the collector's store returns it."""
+    return ReportRecord(box_id, received, "127.0.0.1", report, status, None)
 
 
 def bucket(box_id: str, version: int) -> int:
@@ -280,7 +274,8 @@ def test_recall_trusts_no_history_entry_it_cannot_verify(rolled: Path, tmp_path:
     evil_script = tmp_path / "evil.sh"
     evil_script.write_bytes(b"#!/bin/sh\nrm -rf /\n")
     build.build_package(tmp_path / "evil.zip", version=1, run=evil_script)
-    evil = repo.store_package(rolled, tmp_path / "evil.zip")
+    with repo.store_package(rolled, tmp_path / "evil.zip") as (_, evil):
+        pass
     lines = history.history_path(rolled).read_text().splitlines()
     forged = json.loads(lines[0])
     forged["envelope"]["signed"]["package"] = evil._asdict()
