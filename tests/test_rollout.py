@@ -18,9 +18,9 @@ import pytest
 from conftest import tree_digest
 
 from opq_box_updater.metadata import Floors, parse_envelope, parse_release, verify_release
-from opq_box_updater.publish import build, history, repo, rollout, stage
+from opq_box_updater.publish import build, cli, history, repo, rollout, stage
 from opq_box_updater.publish.common import PublishError
-from opq_box_updater.publish.store import ReportRecord
+from opq_box_updater.publish.store import ReportRecord, default_store_url, open_store
 
 NOW = datetime(2031, 3, 1, 12, 0, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -319,3 +319,61 @@ def test_history_survives_a_torn_line(rolled: Path) -> None:
         handle.write(b'{"time": "2031-')  # a power cut mid-append
     stage.halt(rolled, keys_of(rolled), now=NOW)
     assert [e.action for e in history.entries(rolled)] == ["release", "release", "halt"]
+
+
+# --- the commands --------------------------------------------------------------------------
+
+
+def seed_store(repo_dir: Path, records: list[ReportRecord]) -> None:
+    store = open_store(default_store_url(repo_dir))
+    try:
+        for rec in records:
+            store.add(rec)
+    finally:
+        store.close()
+
+
+def stage_records(version: int = 2) -> list[ReportRecord]:
+    ids = boxes_where(lambda b: b < 10, 3, version)
+    hostile = "evil\x1b[2J\u202eliveDneM"
+    return [Rec(ids[0], NOW, report(ids[0], "apply-failed", 1, failed=(version,),
+                                    error=f"run script said {hostile}")),
+            Rec(hostile, NOW, report(hostile, "refused", 1, failed=(version,))),
+            Rec(ids[1], NOW, report(ids[1], "updated", version)),
+            Rec(ids[2], NOW, report(ids[2], "updated", version))]
+
+
+def test_cli_status_names_failed_boxes_in_printable_text(rolled: Path,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    seed_store(rolled, stage_records())
+    assert cli.main(["rollout", "status", str(rolled)]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\u202e" not in out
+    assert "failed on evil\\x1b[2J\\u202eliveDneM (refused" in out
+    assert "run script said evil\\x1b[2J\\u202eliveDneM" in out
+    row = next(line.split() for line in out.splitlines() if line.startswith("version.json"))
+    assert row[:2] == ["version.json", "v2"] and row[5:7] == ["2", "2"]  # updated, failed
+
+
+def test_cli_widen_refused_exit_4_then_halt_and_recall(rolled: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    seed_store(rolled, stage_records())
+    keydir = str(keys_of(rolled))
+    before = tree_digest(rolled, exclude=(rolled / ".reports",))
+    assert cli.main(["rollout", "widen", str(rolled), "--to", "50", "--keys", keydir]) == 4
+    err = capsys.readouterr().err
+    assert "2 of 4 boxes that tried it failed (50.0%, above 5%)" in err
+    assert tree_digest(rolled, exclude=(rolled / ".reports",)) == before
+    assert cli.main(["rollout", "widen", str(rolled), "--to", "50", "--keys", keydir,
+                     "--max-failure-rate", "60"]) == cli.EXIT_OK
+    assert "widened version.json v2 to 50%" in capsys.readouterr().out
+    assert cli.main(["rollout", "halt", str(rolled), "--keys", keydir]) == cli.EXIT_OK
+    assert current(rolled).rollout_percent == 0
+    assert cli.main(["recall", str(rolled), "--keys", keydir]) == cli.EXIT_OK
+    assert "published v3 with the content of v1" in capsys.readouterr().out
+    assert (current(rolled).version, current(rolled).rollout_percent) == (3, 100)
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["rollout", "widen", str(rolled), "--to", "101", "--keys", keydir])
+    assert usage.value.code == 2

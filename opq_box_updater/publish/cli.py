@@ -2,8 +2,9 @@
 
 Exit codes: 0 ok; 1 unexpected error; 2 usage or configuration error (including anything
 the operator asked for that cannot be done, :class:`~.common.PublishError`); 3 verification
-failed (``verify``, or a repository whose own root chain does not verify). Errors are one
-line on stderr; tracebacks only with ``-v``.
+failed (``verify``, or a repository whose own root chain does not verify); 4 ``rollout
+widen`` refused because the current stage fails too often. Errors are one line on stderr;
+tracebacks only with ``-v``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import ConfigError, RepositoryError
 from ..metadata import format_time
-from . import build, keys, repo, serve, verify
+from . import build, keys, repo, rollout, serve, stage, verify
 from .common import (
     DEFAULT_RELEASE_EXPIRES,
     DEFAULT_ROOT_EXPIRES,
@@ -29,7 +30,9 @@ from .common import (
 )
 
 PROG = "opq-box-publish"
-EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 3
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_VERIFY, EXIT_UNHEALTHY = 0, 1, 2, 3, 4
+#: Failed boxes ``rollout status`` names per release.
+FAILED_SHOWN = 20
 
 logger = logging.getLogger("opq_box_updater")
 
@@ -163,6 +166,84 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _boxes(args: argparse.Namespace) -> list[rollout.BoxView]:
+    """The newest report of every known box, from the collector's store."""
+    from .store import open_repo_store  # sqlite3 (or psycopg2) only for these commands
+
+    store = open_repo_store(args.repo, args.store)
+    try:
+        return rollout.latest_views(store.latest())
+    finally:
+        store.close()
+
+
+def _channel(row: rollout.Health) -> str:
+    return f"{row.release.channel} v{row.release.version}"
+
+
+def cmd_rollout_status(args: argparse.Namespace) -> int:
+    boxes = _boxes(args)
+    rows = [r for r in stage.status(args.repo, boxes)
+            if args.version_file in (None, r.release.channel)]
+    if not rows:
+        raise PublishError(f"{args.repo} publishes no release"
+                           + (f" in {args.version_file}" if args.version_file else ""))
+    sys.stdout.write(rollout.format_health(rows))
+    for row in rows:
+        failed = [b for b in boxes if b.channel == row.release.channel
+                  and rollout.is_failed(b, row.release)]
+        for box in failed[:FAILED_SHOWN]:  # box-sent text: printable() for the terminal
+            _out(f"{_channel(row)}: failed on {serve.printable(box.box_id)} "
+                 f"({serve.printable(box.result or '-')}: "
+                 f"{serve.printable(' '.join((box.error or '').split())[:100])})")
+        if len(failed) > FAILED_SHOWN:
+            _out(f"{_channel(row)}: and {len(failed) - FAILED_SHOWN} more failed boxes")
+    return EXIT_OK
+
+
+def cmd_rollout_widen(args: argparse.Namespace) -> int:
+    release, seen = stage.widen(
+        args.repo, args.keys, args.to, _boxes(args), version_file=args.version_file,
+        max_failure_rate=args.max_failure_rate, force=args.force,
+        expires=args.expires or DEFAULT_RELEASE_EXPIRES, passphrase=_passphrase(args))
+    rate = f"{seen.failure_rate:.1f}%" if seen.tried else "no box has tried it yet"
+    _out(f"widened {args.version_file} v{release.version} to {release.rollout_percent}% "
+         f"(the stage before: {seen.failed} of {seen.tried} failed, {rate}"
+         f"{'; forced' if args.force else ''})")
+    return EXIT_OK
+
+
+def cmd_rollout_halt(args: argparse.Namespace) -> int:
+    release = stage.halt(args.repo, args.keys, version_file=args.version_file,
+                         expires=args.expires or DEFAULT_RELEASE_EXPIRES,
+                         passphrase=_passphrase(args))
+    _out(f"halted {args.version_file} v{release.version}: rollout 0%, issued "
+         f"{format_time(release.issued)}; boxes that have it keep it (recall to replace it)")
+    return EXIT_OK
+
+
+def cmd_recall(args: argparse.Namespace) -> int:
+    result = stage.recall(
+        args.repo, args.keys, _boxes(args), version_file=args.version_file,
+        to_version=args.to_version, rollout=args.rollout,
+        expires=args.expires or DEFAULT_RELEASE_EXPIRES, passphrase=_passphrase(args))
+    new = result.release
+    _out(f"recalled {args.version_file} v{result.recalled.version}: published v{new.version} "
+         f"with the content of v{result.source.version} ({new.package.path}), rollout "
+         f"{new.rollout_percent}%")
+    return EXIT_OK
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a percentage from 0 to 100, not {text!r}")
+    return value
+
+
 # --- parser --------------------------------------------------------------------------------
 
 
@@ -260,6 +341,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=serve.DEFAULT_PORT, metavar="PORT",
                    help="0 picks a free port (printed on the first line)")
 
+    p = add("rollout", cmd_rollout_status, "rollout health; widen or halt a phased rollout")
+    stages = p.add_subparsers(dest="step", required=True, metavar="STEP")
+    store_help = "the collector's report store (default sqlite under REPO/.reports)"
+    for step, func, text, signs in (
+            ("status", cmd_rollout_status, "per channel and release: boxes in the bucket, "
+             "updated, failed, waiting, not seen, stale", False),
+            ("widen", cmd_rollout_widen, "raise the rollout percentage unless the current "
+             "stage fails too often (exit 4)", True),
+            ("halt", cmd_rollout_halt, "set the rollout percentage to 0 at once", True)):
+        q = stages.add_parser(step, parents=[common, signing] if signs else [common],
+                              help=text, description=text)
+        q.set_defaults(func=func)
+        q.add_argument("repo", type=Path, metavar="REPO")
+        q.add_argument("--version-file", metavar="F", default=None if step == "status"
+                       else repo.DEFAULT_VERSION_FILE,
+                       help="the channel (status: every channel by default)")
+        if step != "halt":
+            q.add_argument("--store", metavar="URL", help=store_help)
+        if signs:
+            q.add_argument("--expires", type=_expires, metavar="DURATION", help="default 30d")
+    widen = stages.choices["widen"]
+    widen.add_argument("--to", type=_percent, required=True, metavar="PERCENT")
+    widen.add_argument("--max-failure-rate", type=_rate, metavar="PERCENT",
+                       default=rollout.DEFAULT_MAX_FAILURE_RATE,
+                       help="refuse above this share of failed boxes among those that tried "
+                            "(default 5)")
+    widen.add_argument("--force", action="store_true", help="widen whatever the failure rate")
+
+    p = add("recall", cmd_recall, "publish the last good release's content as a new version",
+            signs=True)
+    p.add_argument("repo", type=Path, metavar="REPO")
+    p.add_argument("--version-file", default=repo.DEFAULT_VERSION_FILE, metavar="F")
+    p.add_argument("--store", metavar="URL", help=store_help)
+    p.add_argument("--to-version", type=_positive, metavar="V",
+                   help="the earlier release whose content to publish (default: the newest "
+                        "one no box failed, with other content than the current one)")
+    p.add_argument("--rollout", type=_percent, default=100, metavar="PERCENT")
+    p.add_argument("--expires", type=_expires, metavar="DURATION", help="default 30d")
+
     p = add("fleet", cmd_fleet, "table of boxes from the reports serve received")
     p.add_argument("repo", type=Path, metavar="REPO")
     return parser
@@ -294,6 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _classify(exc: Exception, verbose: bool) -> tuple[int, str]:
+    if isinstance(exc, stage.UnhealthyRolloutError):
+        return EXIT_UNHEALTHY, str(exc)
     if isinstance(exc, ConfigError):  # PublishError included
         return EXIT_USAGE, str(exc)
     if isinstance(exc, RepositoryError):

@@ -396,18 +396,15 @@ def publish_release_unlocked(repo: Path, keydir: Path, package_zip: Path, *,
 publish_release = _locked(publish_release_unlocked)
 
 
-def refresh_release_unlocked(repo: Path, keydir: Path, *,
-                             expires: timedelta = DEFAULT_RELEASE_EXPIRES,
-                             version_file: str = DEFAULT_VERSION_FILE, rollout: int | None = None,
-                             passphrase: bytes | None = None, now: datetime | None = None,
-                             action: str = "refresh") -> Release:
-    """Re-sign the current release with a later ``expires`` (DESIGN 2.3); the caller holds
-    the repository lock (:func:`refresh_release` takes it).
-
-    Keeps version, package and notes; moves ``issued`` forward (strictly, so boxes see a
-    newer copy of the same version); names the newest root; ``rollout`` optionally widens
-    or narrows a phased rollout.
-    """
+def refresh_release_unlocked(
+        repo: Path, keydir: Path, *, expires: timedelta = DEFAULT_RELEASE_EXPIRES,
+        version_file: str = DEFAULT_VERSION_FILE, rollout: int | None = None,
+        passphrase: bytes | None = None, now: datetime | None = None,
+        action: str = "refresh") -> Release:
+    """Re-sign the current release with a later ``expires`` (DESIGN 2.3), under the lock
+    the caller holds (:func:`refresh_release` takes it). Keeps version, package and notes;
+    moves ``issued`` forward (strictly, so boxes see a newer copy of the same version);
+    names the newest root; ``rollout`` optionally widens or narrows a phased rollout."""
     now = normalize_now(now)
     repo = repo.absolute()
     _check_keydir(repo, keydir)
