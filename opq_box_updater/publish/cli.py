@@ -26,6 +26,7 @@ from .common import (
     DEFAULT_ROOT_EXPIRES,
     PublishError,
     parse_duration,
+    printable,
     sha256_file,
 )
 
@@ -193,9 +194,9 @@ def cmd_rollout_status(args: argparse.Namespace) -> int:
         failed = [b for b in boxes if b.channel == row.release.channel
                   and rollout.is_failed(b, row.release)]
         for box in failed[:FAILED_SHOWN]:  # box-sent text: printable() for the terminal
-            _out(f"{_channel(row)}: failed on {serve.printable(box.box_id)} "
-                 f"({serve.printable(box.result or '-')}: "
-                 f"{serve.printable(' '.join((box.error or '').split())[:100])})")
+            _out(f"{_channel(row)}: failed on {printable(box.box_id)} "
+                 f"({printable(box.result or '-')}: "
+                 f"{printable(' '.join((box.error or '').split())[:100])})")
         if len(failed) > FAILED_SHOWN:
             _out(f"{_channel(row)}: and {len(failed) - FAILED_SHOWN} more failed boxes")
     return EXIT_OK

@@ -1,0 +1,168 @@
+"""The fleet page's renderer (issue 10, item 4): content, filters, and hostile box text.
+
+The HTML is parsed back (html.parser) and compared cell by cell: what a box sent must come
+back as the same visible text (control and bidi characters as escapes), never as markup.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from html.parser import HTMLParser
+from typing import Any
+
+from opq_box_updater.publish import fleetpage, rollout
+from opq_box_updater.publish.store import ReportRecord
+
+NOW = datetime(2031, 3, 1, 12, 0, 0, tzinfo=UTC)
+DAY = timedelta(days=1)
+SCRIPT = "<script>document.title='pwned'</script>"
+IMG = "<img src=x onerror=\"document.title='pwned'\">"
+CONTROL = "ansi\x1b[2Jbidi\u202eevil\u0000nul"
+
+
+class Cells(HTMLParser):
+    """Text of every cell, by table class; tags seen; attributes of links."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tables: dict[str, list[list[str]]] = {}
+        self.tags: list[str] = []
+        self.hrefs: list[str] = []
+        self.title = ""
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+        self._in_title = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        values = dict(attrs)
+        if tag == "table":
+            self._table = values.get("class") or ""
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table is not None:
+            self.tables[self._table].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "a":
+            self.hrefs.append(values.get("href") or "")
+        elif tag == "title":
+            self._in_title = True
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None and self._table is not None:
+            self.tables[self._table][-1].append("".join(self._cell))
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+        elif tag == "title":
+            self._in_title = False
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+        if self._in_title:
+            self.title += data
+
+
+def parse(page: bytes) -> Cells:
+    cells = Cells()
+    cells.feed(page.decode("utf-8"))
+    return cells
+
+
+def rec(box_id: str, result: str, installed: int, *, received: datetime = NOW,
+        status: str = "accepted", **extra: Any) -> ReportRecord:
+    report = {"box_id": box_id, "last_result": result, "installed_version": installed,
+              "channel": "version.json", "failed_versions": [], "error": None, **extra}
+    return ReportRecord(box_id, received, "192.0.2.1", report, status, "k" * 64)
+
+
+def fleet() -> list[ReportRecord]:
+    return [rec("alpha", "updated", 2), rec("bravo", "apply-failed", 1, failed_versions=[2],
+                                            error=IMG),
+            rec(SCRIPT, "up-to-date", 1), rec("delta", CONTROL, 1, received=NOW - 3 * DAY),
+            rec("echo", "updated", 2, channel="version-beta.json")]
+
+
+def health_rows() -> list[rollout.Health]:
+    ref = rollout.ReleaseRef("version.json", 2, 10, NOW - DAY)
+    return [rollout.health(ref, rollout.latest_views(fleet()), NOW)]
+
+
+def boxes_of(cells: Cells) -> dict[str, list[str]]:
+    return {row[0]: row for row in cells.tables["boxes"][1:]}
+
+
+def test_fleet_page_lists_boxes_with_stale_marker_and_rollout_numbers() -> None:
+    cells = parse(fleetpage.fleet_page(fleet(), health_rows(), [], fleetpage.Filters(), NOW))
+    boxes = boxes_of(cells)
+    assert sorted(boxes) == sorted(["alpha", "bravo", SCRIPT, "delta", "echo"])
+    assert boxes["alpha"][1:4] == ["version.json", "2", "updated"]
+    assert boxes["bravo"][3] == "apply-failed (failed current release)"
+    assert boxes["delta"][4] == "2031-02-26T12:00:00Z stale"
+    assert "stale" not in boxes["alpha"][4]
+    [header, row] = cells.tables["rollouts"]
+    numbers = dict(zip(header, row, strict=True))
+    assert (numbers["release"], numbers["rollout"], numbers["boxes"], numbers["updated"],
+            numbers["failed"]) == ("v2", "10%", "4", "1", "1")
+    assert numbers["failure rate"] == "50.0%"
+
+
+def test_hostile_box_text_is_shown_as_text_never_markup() -> None:
+    conflict = rec(SCRIPT, IMG, 9, status="conflict")
+    page = fleetpage.fleet_page(fleet(), health_rows(), [conflict], fleetpage.Filters(), NOW)
+    text = page.decode("utf-8")
+    assert "<script" not in text and "<img" not in text  # no such element at all
+    assert "\x1b" not in text and "\u202e" not in text and "\x00" not in text
+    cells = parse(page)
+    assert "script" not in cells.tags and "img" not in cells.tags
+    boxes = boxes_of(cells)
+    assert boxes[SCRIPT][0] == SCRIPT  # the same visible text
+    assert boxes["bravo"][5] == IMG
+    assert boxes["delta"][3] == "ansi\\x1b[2Jbidi\\u202eevil\\x00nul"
+    assert cells.tables["conflicts"][1][0] == SCRIPT
+    assert cells.tables["conflicts"][1][4] == IMG
+    # The link to the box's page carries the id percent-encoded, not as markup.
+    assert "/box/%3Cscript%3Edocument.title%3D%27pwned%27%3C%2Fscript%3E" in cells.hrefs
+
+
+def test_filters_by_release_result_and_channel() -> None:
+    def shown(query: str) -> list[str]:
+        page = fleetpage.fleet_page(fleet(), health_rows(), [],
+                                    fleetpage.Filters.parse(query), NOW)
+        return sorted(boxes_of(parse(page)))
+
+    assert shown("release=2") == ["alpha", "echo"]
+    assert shown("release=2&channel=version.json") == ["alpha"]
+    assert shown("result=apply-failed") == ["bravo"]
+    assert shown("result=" + "%3Cscript%3E") == []  # echoed into the form escaped
+    assert len(shown("release=x2")) == 5 and len(shown("release=%D9%A2")) == 5  # ignored
+    page = fleetpage.fleet_page(fleet(), health_rows(), [], fleetpage.Filters.parse(
+        "release=2"), NOW).decode()
+    assert "2 of 5 boxes shown" in page and '<option value="2" selected>' in page
+
+
+def test_box_page_shows_the_history_escaped() -> None:
+    history = [rec(SCRIPT, "updated", 2, release_version=2),
+               rec(SCRIPT, "apply-failed", 1, received=NOW - DAY, error=CONTROL,
+                   failed_versions=[2]),
+               rec(SCRIPT, IMG, 1, received=NOW - 2 * DAY, status="conflict")]
+    page = fleetpage.box_page(SCRIPT, history, NOW)
+    assert b"<script" not in page and b"<img" not in page
+    cells = parse(page)
+    assert cells.title == "Box " + SCRIPT
+    rows = cells.tables["history"]
+    assert rows[0][:3] == ["received", "status", "from"]
+    assert [r[1] for r in rows[1:]] == ["accepted", "accepted", "conflict"]
+    assert rows[1][4:7] == ["2", "2", "updated"]
+    assert rows[2][7:9] == ["2", "ansi\\x1b[2Jbidi\\u202eevil\\x00nul"]
+    assert rows[3][6] == IMG
+
+
+def test_long_box_text_is_cut() -> None:
+    long_id = "x" * 1000
+    page = fleetpage.fleet_page([rec(long_id, "y" * 10_000, 1, error="z" * 10_000)], [], [],
+                                fleetpage.Filters(), NOW)
+    row = boxes_of(parse(page))["x" * fleetpage.MAX_TEXT + "…"]
+    assert row[3] == "y" * fleetpage.MAX_TEXT + "…" and row[5] == "z" * fleetpage.MAX_TEXT + "…"
+    assert f'href="/box/{long_id}"'.encode() in page  # the link still names the whole id
