@@ -89,10 +89,18 @@ def require_nginx() -> str:
     return path
 
 
-def site_config(root: Path, port: int, source: Path = SITE_CONFIG) -> str:
-    """The shipped site with its ``listen`` and ``root`` set; fails loudly if either line
-    changed shape (the substitution must never silently serve something else)."""
+def site_config(root: Path, port: int, source: Path = SITE_CONFIG,
+                apt_dir: Path | None = None) -> str:
+    """The shipped site with its ``listen`` and ``root`` set (and the apt repository's
+    ``alias`` when ``apt_dir`` is given); fails loudly if a line changed shape (the
+    substitution must never silently serve something else)."""
     site = source.read_text()
+    if apt_dir is not None:
+        site, aliases = re.subn(r"^(\s*)alias /srv/opq-box-apt/;",
+                                lambda m: f"{m.group(1)}alias {apt_dir}/;", site,
+                                flags=re.MULTILINE)
+        if aliases != 1:
+            raise NginxError(f"{source}: expected one 'alias /srv/opq-box-apt/;' line")
     site, listens = re.subn(r"^(\s*)listen 127\.0\.0\.1:\d+;", rf"\g<1>listen 127.0.0.1:{port};",
                             site, flags=re.MULTILINE)
     site, roots = re.subn(r"^(\s*)root /srv/opq-box-repo;", lambda m: f"{m.group(1)}root {root};",
@@ -116,15 +124,17 @@ class Nginx:
     ``worker_processes`` and ``worker_connections`` size it for a fleet test (the default,
     one worker with 1024 connections, is plenty for one box). ``http_extra`` is appended
     to the ``http`` block verbatim (e.g. ``"sendfile on;"`` for a benchmark). Start with
-    ``with`` or :meth:`start` / :meth:`stop`.
+    ``with`` or :meth:`start` / :meth:`stop`. ``apt_dir`` is the directory served under
+    ``/apt/`` (the operators' apt repository).
     """
 
     start_timeout = 10.0
 
     def __init__(self, root: Path, work_dir: Path, *, worker_processes: int = 1,
                  worker_connections: int = 1024, http_extra: str = "",
-                 binary: str | None = None) -> None:
+                 binary: str | None = None, apt_dir: Path | None = None) -> None:
         self.root = root.resolve()
+        self.apt_dir = apt_dir
         self.work_dir = work_dir.resolve()
         self.worker_processes = worker_processes
         self.worker_connections = worker_connections
@@ -168,7 +178,8 @@ class Nginx:
         """Write ``nginx.conf`` and ``site.conf`` for ``port`` into ``work_dir``."""
         temp = self.work_dir / "temp"
         temp.mkdir(parents=True, exist_ok=True)
-        (self.work_dir / "site.conf").write_text(site_config(self.root, port))
+        (self.work_dir / "site.conf").write_text(
+            site_config(self.root, port, apt_dir=self.apt_dir))
         # As root, workers would run as nobody and could not read a 0700 test directory.
         user = "user root;\n" if os.geteuid() == 0 else ""
         mime = f"  include {MIME_TYPES};\n" if MIME_TYPES.exists() else ""
