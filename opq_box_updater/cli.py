@@ -87,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="retry a release that failed before")
     run.add_argument("--dry-run", action="store_true",
                      help="say what would be downloaded and applied; change nothing")
-    sub.add_parser("check", help="verify only; exit 100 when an update is available")
+    check = sub.add_parser("check", help="verify only; exit 100 when an update is available")
+    for command in (run, check):
+        command.add_argument("--from", type=Path, dest="from_dir", metavar="DIR",
+                             help="read the repository from DIR (a USB stick written by "
+                                  "'opq-box-publish export') instead of server_url; no "
+                                  "network")
     status = sub.add_parser("status", help="show the installed version and the last run")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
@@ -301,7 +306,7 @@ def _status(config: Config, as_json: bool) -> int:
 def _run(config: Config, args: argparse.Namespace) -> int:
     from .updater import Updater
 
-    updater = Updater(with_box_id(config))
+    updater = Updater(with_box_id(config), from_dir=args.from_dir)
     if args.command == "check":
         outcome = updater.run(check_only=True)
         logger.info("check: %s", outcome.message, extra={"log_file_only": True})

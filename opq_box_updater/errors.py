@@ -68,6 +68,11 @@ class UnsafePackageError(RepositoryError):
     """A verified package is unsafe or inconsistent: zip-slip, symlink, bomb, bad manifest."""
 
 
+class NotPlainFileError(RepositoryError):
+    """A ``--from`` directory has a symlink, FIFO, device or directory where the repository
+    has a file: nothing a genuine export writes, so the stick is refused like bad content."""
+
+
 # --- the transfer failed (exit 4) -----------------------------------------------------------
 
 
@@ -77,6 +82,11 @@ class DownloadError(UpdaterError):
 
 class SlowRetrievalError(DownloadError):
     """The overall deadline (``timeouts.total``) passed."""
+
+
+class MissingFileError(DownloadError):
+    """A ``--from`` directory lacks a file of the repository: what HTTP 404 is over the
+    network (exit 4; a root the release names but the source lacks is refused, 3)."""
 
 
 class DownloadHTTPError(DownloadError):

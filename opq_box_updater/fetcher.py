@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, NamedTuple
+from typing import IO, Any
 
 import requests
 import urllib3
@@ -57,6 +57,7 @@ from .httpcheck import (
     valid_last_modified,
 )
 from .partfile import CHUNK_SIZE, HashingThread, Progress, commit, hash_file, open_part, zip_matches
+from .source import MetadataResponse
 
 logger = logging.getLogger(__name__)
 
@@ -70,20 +71,6 @@ _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 # Errors a request or a body read can raise; all of them mean "the transfer failed".
 _TRANSFER_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError,
                     http.client.HTTPException, OSError)
-
-
-class MetadataResponse(NamedTuple):
-    """The answer to a (conditional) metadata GET.
-
-    ``status`` is 200 (``body`` holds at most ``max_bytes`` bytes) or 304 (``body`` is None).
-    ``etag`` and ``last_modified`` are the validators to send next time; on a 304 they are the
-    server's if it repeated them, else the ones the request carried.
-    """
-
-    status: int
-    body: bytes | None
-    etag: str | None
-    last_modified: str | None
 
 
 class _ConditionalFailed(Exception):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import shutil
 import tempfile
@@ -29,15 +30,16 @@ from .errors import (
     FormatError,
     LengthOrHashMismatchError,
     LockError,
+    MissingFileError,
     RepositoryError,
     StateError,
     UnsafePackageError,
     UpdaterError,
 )
 from .faults import fault_point
-from .fetcher import Fetcher
 from .fsutil import unsafe_dir_reason, utcnow
 from .metadata import Floors, Release, Root
+from .source import Source
 from .state import Journal, Lock, State, Store
 from .transaction import Transaction
 from .trust import TrustedSet
@@ -89,11 +91,14 @@ def load_anchor(config: Config) -> tuple[Root, bytes]:
 
 
 class Updater:
-    """Runs ``check`` and ``run`` against one configuration."""
+    """Runs ``check`` and ``run`` against one configuration, reading the repository from
+    ``server_url`` or, with ``from_dir``, from that directory (``--from``: no network at
+    all, not even the status report)."""
 
     def __init__(self, config: Config, *, clock: Callable[[], datetime] = utcnow,
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, from_dir: Path | None = None) -> None:
         self.config = config
+        self.from_dir = from_dir
         self.clock = clock
         self.progress = progress
         self.channel = config.version_file
@@ -103,7 +108,7 @@ class Updater:
         # any request), so a missing or broken one is recorded in last_run like any error.
         self.anchor: Root
         self.anchor_bytes: bytes
-        self._fetcher: Fetcher | None = None
+        self._fetcher: Source | None = None
 
     # --- entry points ------------------------------------------------------------------
 
@@ -149,7 +154,10 @@ class Updater:
             "installed_version": state.installed_version,
         }
         self.store.save_last_run(info)
-        if self.config.report_url:
+        if self.config.report_url and self.from_dir is not None:
+            logger.info("no status report sent: a --from run makes no network request",
+                        extra={"log_file_only": True})
+        elif self.config.report_url:
             from . import __version__
             from .fetcher import post_report
 
@@ -204,11 +212,27 @@ class Updater:
         # 6.-8. Download, extract, apply.
         return self._update(state, release, dry_run)
 
-    def _fetch(self) -> Fetcher:
+    def _fetch(self) -> Source:
+        """The repository's source: the fetcher (``server_url``), or the ``--from``
+        directory. Either only delivers bytes; everything below verifies them alike."""
         if self._fetcher is None:
-            self._fetcher = Fetcher(self.config.server_url, self.config.timeouts,
-                                    ca_bundle=self.config.ca_bundle, progress=self.progress)
+            if self.from_dir is not None:
+                from .localsource import LocalSource
+
+                self._fetcher = LocalSource(self.from_dir, progress=self.progress)
+            else:
+                from .fetcher import Fetcher
+
+                self._fetcher = Fetcher(self.config.server_url, self.config.timeouts,
+                                        ca_bundle=self.config.ca_bundle,
+                                        progress=self.progress)
         return self._fetcher
+
+    def _location(self, relpath: str) -> str:
+        """Where ``relpath`` is read from, for messages and the validators' key."""
+        if self.from_dir is not None:
+            return os.path.join(self.from_dir, relpath)
+        return self.config.url(relpath)
 
     def _trusted_set(self, state: State) -> tuple[TrustedSet, State]:
         """The trust core, loaded with what the box stored for its channel."""
@@ -245,7 +269,7 @@ class Updater:
         if trusted.clock_behind(clock):
             logger.warning("system clock %s is behind the newest release seen (%s); using "
                            "that as the time", metadata.format_time(clock), state.time_floor)
-        url = self.config.url(self.config.version_file)
+        url = self._location(self.config.version_file)
         cached = self.store.load_release() if state.metadata_url == url else None
         use_validators = cached is not None
         response = self._fetch().fetch_metadata(
@@ -293,6 +317,9 @@ class Updater:
         path = f"root/{version}.root.json"
         try:
             response = self._fetch().fetch_metadata(path)
+        except MissingFileError:
+            raise BadVersionError(f"release names root v{target}, but {self.from_dir} has "
+                                  f"no {path}") from None
         except DownloadHTTPError as exc:
             if exc.status_code == 404:
                 raise BadVersionError(f"release names root v{target}, but the server has "

@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import ConfigError, RepositoryError
 from ..metadata import format_time
-from . import build, keys, repo, rollout, serve, stage, verify
+from . import build, export, keys, repo, rollout, serve, stage, verify
 from .common import (
     DEFAULT_RELEASE_EXPIRES,
     DEFAULT_ROOT_EXPIRES,
@@ -154,6 +154,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for name, release in report.releases.items():
         _out(f"ok: {name}: release v{release.version}, {release.package.path}, rollout "
              f"{release.rollout_percent}%, expires {format_time(release.expires)}")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    result = export.export_repo(args.repo, args.dir, version_file=args.version_file)
+    for warning in result.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    release = result.release
+    _out(f"exported release v{release.version} of {args.version_file} to {args.dir}: root "
+         f"v1..v{result.root_version}, {release.package.path} ({release.package.length} "
+         f"bytes); {len(result.written)} file(s) written, the copy verifies")
+    _out(f"boxes take this copy until {format_time(release.expires)} (the release's expiry);"
+         " after that refresh and export again")
+    _out(f"on a box: mount -o ro,nodev,nosuid,noexec /dev/sda1 /mnt/usb; opq-box-updater run "
+         f"--from /mnt/usb; umount /mnt/usb (its version_file must be {args.version_file})")
     return EXIT_OK
 
 
@@ -335,6 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo", type=Path, metavar="REPO")
     p.add_argument("--trust-root", type=Path, metavar="FILE",
                    help="trust anchor (default REPO/root/1.root.json)")
+
+    p = add("export", cmd_export, "write one channel's release, its package and every root "
+            "to a directory (a USB stick) for boxes without a network (run --from DIR)")
+    p.add_argument("repo", type=Path, metavar="REPO")
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("--version-file", default=repo.DEFAULT_VERSION_FILE, metavar="F",
+                   help="the channel to export (default version.json)")
 
     p = add("serve", cmd_serve, "development HTTP server (ETag, Range, POST /report)")
     p.add_argument("repo", type=Path, metavar="REPO")

@@ -8,6 +8,7 @@ because an expired root or release stops the whole fleet.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -42,9 +43,11 @@ class VerifyReport:
 
 
 def verify_repo(repo: Path, trust_root: Path | None = None, now: datetime | None = None,
-                warn_within: timedelta = WARN_WITHIN) -> VerifyReport:
+                warn_within: timedelta = WARN_WITHIN,
+                channels: Sequence[str] | None = None) -> VerifyReport:
     """Verify ``repo`` from ``trust_root`` (default ``root/1.root.json``); never raises for
-    a bad repository, it reports. Each problem is one line saying what is wrong."""
+    a bad repository, it reports. Each problem is one line saying what is wrong.
+    ``channels`` limits the release files checked to these (each must exist); default all."""
     now = normalize_now(now)
     report = VerifyReport()
     _verify_chain(repo, trust_root, report)
@@ -57,7 +60,7 @@ def verify_repo(repo: Path, trust_root: Path | None = None, now: datetime | None
     elif newest.expires - now < warn_within:
         report.warnings.append(f"root v{newest.version} expires at "
                                f"{format_time(newest.expires)}: run opq-box-publish rotate")
-    files = version_files(repo)
+    files = version_files(repo) if channels is None else [repo / name for name in channels]
     if not files:
         report.warnings.append("no version*.json: boxes have no release to fetch")
     for path in files:
