@@ -103,23 +103,25 @@ def _prepare(dest: Path, newest: int) -> None:
     """Make ``dest``, ``root/`` and ``packages/`` (real directories, never links); refuse a
     DIR holding a newer root than the repository's (another repository's export: a box
     would walk into it); remove temp files a cut export left."""
-    for directory in (dest, dest / ROOT_DIR, dest / PACKAGES_DIR):
-        try:
-            directory.mkdir(exist_ok=True)
-            mode = os.lstat(directory).st_mode
-        except OSError as exc:
-            raise PublishError(f"cannot create {directory}: {exc.strerror}") from None
-        if not stat.S_ISDIR(mode):
-            raise PublishError(f"{directory} is not a directory (a link or a file); export "
-                               "to an empty directory")
-        for entry in os.scandir(directory):
-            if _TEMP_RE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-                os.unlink(entry.path)
+    directories = (dest, dest / ROOT_DIR, dest / PACKAGES_DIR)
+    for directory in directories:
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISDIR(os.lstat(directory).st_mode):
+                raise PublishError(f"{directory} is not a directory (a link or a file); "
+                                   "export to an empty directory")
     above = [v for v in root_versions(dest) if v > newest]
     if above:
         raise PublishError(f"{dest / ROOT_DIR} has {above[0]}.root.json, newer than the "
                            f"repository's root v{newest}: it holds another repository's "
                            "export; use an empty directory")
+    for directory in directories:
+        try:
+            directory.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise PublishError(f"cannot create {directory}: {exc.strerror}") from None
+        for entry in os.scandir(directory):
+            if _TEMP_RE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
 
 
 def _export_file(source: Path, target: Path) -> bool:
