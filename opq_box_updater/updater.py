@@ -160,14 +160,26 @@ class Updater:
         elif self.config.report_url:
             from . import __version__
             from .fetcher import post_report
+            from .reporting import signed_report
 
             stored = self.store.stored_roots()
-            report = {**info, "box_id": self.config.box_id, "release_version": release_version,
+            # Signed documents hold no floats (DESIGN 2.1): the duration in milliseconds.
+            fields = {**info, "duration_ms": round(info["duration"] * 1000)}
+            del fields["duration"]
+            report = {**fields, "box_id": self.config.box_id, "release_version": release_version,
                       "channel": self.channel, "installed_channel": state.installed_channel,
                       "failed_versions": list(state.channel(self.channel).failed_versions),
                       "root_version": max(stored) if stored else None,
                       "updater_version": __version__, "error": message if failed else None}
-            post_report(self.config.report_url, report, self.config.timeouts,
+            floor = _time(state.time_floor)
+            now = max(self.clock(), floor) if floor else self.clock()  # trusted_now
+            try:
+                envelope = signed_report(self.config.state_dir, report, self.config.box_id,
+                                         now)
+            except Exception as exc:  # a report never fails the run (ReportKeyError, disk)
+                logger.warning("status report not sent: %s", exc)
+                return
+            post_report(self.config.report_url, envelope, self.config.timeouts,
                         ca_bundle=self.config.ca_bundle)
 
     def _peek_state(self) -> State:

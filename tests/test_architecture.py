@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "opq_box_updater"
 LEVELS: dict[str, int] = {
     "errors": 0, "faults": 0, "fsutil": 0, "deadline": 0, "source": 0,
     "metadata": 1, "runner": 1, "partfile": 1,
-    "trust": 2, "config": 2, "state": 2, "package": 2, "guard": 2,
+    "trust": 2, "config": 2, "state": 2, "package": 2, "guard": 2, "reporting": 2,
     "applyplan": 3, "httpcheck": 3, "debcache": 3,
     "rollbackcache": 4,
     "installer": 5, "fetcher": 5, "localsource": 5,
@@ -34,8 +34,8 @@ CORE_STDLIB = {"__future__", "hashlib", "json", "re", "collections", "datetime",
 #: The box modules the publisher may use: one implementation of the checks, no box state.
 SHARED_WITH_PUBLISHER = {"errors", "fsutil", "metadata", "package"}
 PUBLISH_LEVELS = {"common": 0, "sealed": 0, "keys": 1, "build": 1, "store": 1, "history": 1,
-                  "rollout": 1, "repo": 2, "fleetpage": 2, "verify": 3, "stage": 3,
-                  "serve": 3, "export": 4, "cli": 5}
+                  "rollout": 1, "repo": 2, "fleetpage": 2, "reports": 2, "fleet": 2,
+                  "verify": 3, "stage": 3, "serve": 3, "collector": 3, "export": 4, "cli": 5}
 
 
 def imports(path: Path, source: str | None = None) -> tuple[set[str], set[str]]:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from opq_box_updater.publish import cli, serve
+from opq_box_updater.publish import cli, reports, serve
+from opq_box_updater.publish.store import UNSIGNED, open_repo_store
 
 BODY = bytes(range(256)) * 40  # 10240 bytes
 
@@ -167,9 +168,11 @@ def test_one_log_line_per_request(server: Server) -> None:
         time.sleep(0.01)
     lines = server.log.getvalue().splitlines()
     assert len(lines) == 3
-    assert lines[0].endswith('"GET /version.json HTTP/1.1" 200 13')
-    assert " 404 " in lines[1]
-    assert lines[2].endswith(" 206 10")
+    # Each thread writes its line after its response: the order of lines may differ.
+    lines.sort(key=lambda line: line.split('"')[1])
+    assert lines[0].endswith('"GET /missing HTTP/1.1" 404 -')
+    assert lines[1].endswith(" 206 10")
+    assert lines[2].endswith('"GET /version.json HTTP/1.1" 200 13')
 
 
 def test_post_report_then_fleet(server: Server, repo_dir: Path,
@@ -186,9 +189,10 @@ def test_post_report_then_fleet(server: Server, repo_dir: Path,
            "last_message": "release v5 expired", "last_run": "2031-01-02T03:00:00Z",
            "duration": 0.25}
     assert server.request("POST", "/report", json.dumps(box).encode())[0] == 204
-    stored = json.loads((repo_dir / ".reports" / "box-17.json").read_text())
-    assert stored["report"] == report and stored["received"] == "2031-01-02T03:04:05Z"
-    assert stat_mode(repo_dir / ".reports" / "box-17.json") == 0o600
+    [stored] = open_repo_store(repo_dir).history("box-17")
+    assert (stored.report, stored.status, stored.remote) == (report, UNSIGNED, "127.0.0.1")
+    assert stored.received == datetime(2031, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert stat_mode(repo_dir / ".reports" / "reports.db") == 0o600
     assert not (repo_dir.parent / "etc").exists()
     assert cli.main(["fleet", str(repo_dir)]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -200,7 +204,7 @@ def test_post_report_then_fleet(server: Server, repo_dir: Path,
     assert rows["0123abcd"][1:] == ["4", "refused", "2031-01-02T03:04:05Z", "release", "v5",
                                     "expired"]
     # Reports are never served back.
-    assert server.request("GET", "/.reports/box-17.json")[0] == 404
+    assert server.request("GET", "/.reports/reports.db")[0] == 404
 
 
 def stat_mode(path: Path) -> int:
@@ -217,7 +221,7 @@ def stat_mode(path: Path) -> int:
 def test_bad_reports_are_refused(server: Server, repo_dir: Path, body: bytes,
                                  headers: dict[str, str], status: int) -> None:
     assert server.request("POST", "/report", body, headers)[0] == status
-    assert [p.name for p in (repo_dir / ".reports").iterdir()] == ["box.json"]
+    assert server.httpd.store.report_count() == 0
     assert server.request("POST", "/version.json", b"{}")[0] == 404
 
 
@@ -252,10 +256,11 @@ def test_serve_usage_errors(tmp_path: Path, server: Server,
 
 def test_report_storage_is_bounded(server: Server, repo_dir: Path,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serve, "MAX_REPORTS", 2)
+    monkeypatch.setattr(reports, "MAX_UNSIGNED_REPORTS", 2)
     assert server.request("POST", "/report", b'{"box_id": "a"}')[0] == 204
-    assert server.request("POST", "/report", b'{"box_id": "b"}')[0] == 507
-    assert server.request("POST", "/report", b'{"box_id": "a", "result": "x"}')[0] == 204
+    assert server.request("POST", "/report", b'{"box_id": "b"}')[0] == 204
+    assert server.request("POST", "/report", b'{"box_id": "a", "result": "x"}')[0] == 507
+    assert server.httpd.store.report_count() == 2
 
 
 # --- nothing a client sends reaches the operator's terminal raw (issue 13, 2) --------------
@@ -311,10 +316,10 @@ def test_a_deeply_nested_report_is_a_400(server: Server, repo_dir: Path) -> None
     status, _, _ = server.request("POST", "/report", deep,
                                   {"Content-Type": "application/json"})
     assert status == 400
-    assert not (repo_dir / ".reports" / "box-1.json").exists()
+    assert server.httpd.store.report_count() == 0
     brackets = json.dumps({"box_id": "box-2", "last_message": "[" * 100}).encode()
     assert server.request("POST", "/report", brackets)[0] == 204
-    assert serve.json_depth('{"a": [1, {"b": "]]]["}], "c": "\\"["}') == 3
+    assert reports.json_depth('{"a": [1, {"b": "]]]["}], "c": "\\"["}') == 3
 
 
 def test_half_open_connections_do_not_create_unbounded_threads(server: Server) -> None:

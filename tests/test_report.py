@@ -1,7 +1,7 @@
-"""Status reports (``report_url``, DESIGN 3.5): after every run the box POSTs its result to
-``opq-box-publish serve``, which keeps each box's latest report; ``opq-box-publish fleet``
-prints them. A report that cannot be delivered never fails a run and never holds it for
-longer than a short bound.
+"""Status reports (``report_url``, DESIGN 3.5): after every run the box POSTs its result,
+signed by its own report key, to ``opq-box-publish serve``, which keeps every report in its
+store; ``opq-box-publish fleet`` prints each box's latest. A report that cannot be
+delivered never fails a run and never holds it for longer than a short bound.
 
 Both sides are the real commands: the box's CLI in a subprocess, ``serve`` as a subprocess.
 """
@@ -26,11 +26,14 @@ from conftest import Box
 from faultserver import Fault, FaultServer
 from reposim import RepoSim
 
+from opq_box_updater.metadata import format_time
+from opq_box_updater.publish.store import ACCEPTED, open_repo_store
+
 PY = sys.executable
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 #: What every report carries at least (updater.py ``_record``).
 REPORT_KEYS = {"box_id", "installed_version", "last_result", "last_message", "last_run",
-               "duration", "release_version", "root_version", "failed_versions",
+               "duration_ms", "release_version", "root_version", "failed_versions",
                "updater_version", "error"}
 
 BoxFactory = Callable[..., Box]
@@ -62,11 +65,14 @@ def served(tmp_path: Path) -> Iterator[tuple[RepoSim, str]]:
 
 
 def stored(sim: RepoSim, box_id: str) -> dict[str, Any]:
-    """The report ``serve`` keeps for ``box_id`` (with when it arrived)."""
-    record = json.loads((sim.path / ".reports" / f"{box_id}.json").read_text())
-    assert TIME.fullmatch(record["received"])
-    assert record["remote"] == "127.0.0.1"
-    return dict(record)
+    """The newest report ``serve`` keeps for ``box_id`` (with when it arrived): signed by
+    the box's key and accepted."""
+    store = open_repo_store(sim.path)
+    [record] = store.history(box_id, limit=1)
+    store.close()
+    assert (record.remote, record.status) == ("127.0.0.1", ACCEPTED)
+    return {"report": record.report, "received": format_time(record.received),
+            "counter": record.counter, "key_id": record.key_id}
 
 
 def fleet_table(sim: RepoSim) -> dict[str, list[str]]:
@@ -92,7 +98,7 @@ def test_every_run_is_reported(served: tuple[RepoSim, str], box_factory: BoxFact
     assert "updated to release 1" in report["last_message"]
     assert (report["release_version"], report["root_version"], report["error"]) == (1, 1, None)
     assert TIME.fullmatch(report["last_run"])
-    assert isinstance(report["duration"], int | float) and 0 <= report["duration"] < 60
+    assert isinstance(report["duration_ms"], int) and 0 <= report["duration_ms"] < 60_000
     assert datetime.strptime(record["received"], "%Y-%m-%dT%H:%M:%SZ").replace(
         tzinfo=UTC) >= before
 
@@ -229,7 +235,7 @@ def test_a_failing_collector_never_fails_a_run(tmp_path: Path, box_factory: BoxF
         elapsed = time.monotonic() - started
         assert proc.returncode == 0, proc.stderr
         assert [path for path, _ in server.posted] == ["/report"]
-        report = json.loads(server.posted[0][1])
+        report = json.loads(server.posted[0][1])["signed"]["report"]
         assert (report["box_id"], report["last_result"]) == ("test-box", "updated")
     assert elapsed < 2 + 6, f"the report held the run for {elapsed:.1f}s"
     assert box.status()["last_result"] == "updated"

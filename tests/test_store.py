@@ -138,6 +138,10 @@ def test_a_full_store_takes_no_new_box(store: SqlStore, monkeypatch: pytest.Monk
     assert store.admit(signed("box-2", 1)) == FULL
     assert store.admit(signed("box-1", 2)) == ACCEPTED  # known boxes still report
     assert [b.box_id for b in store.boxes()] == ["box-1"] and store.report_count() == 2
+    monkeypatch.setattr(store_mod, "MAX_CONFLICTS", 2)
+    assert [store.admit(signed("box-1", 9, key * 64)) for key in "bcd"] == \
+        [CONFLICT, CONFLICT, FULL]
+    assert len(store.conflicts()) == 2
 
 
 def test_concurrent_writers_accept_one_counter_once(store: SqlStore) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import ConfigError, RepositoryError
 from ..metadata import format_time
-from . import build, export, keys, repo, rollout, serve, stage, verify
+from . import build, export, fleet, keys, repo, rollout, serve, stage, store, verify
 from .common import (
     DEFAULT_RELEASE_EXPIRES,
     DEFAULT_ROOT_EXPIRES,
@@ -173,12 +174,46 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    serve.serve(args.repo, args.bind, args.port)
+    serve.serve(args.repo, args.bind, args.port, store_url=args.store)
     return EXIT_OK
 
 
+def _store(args: argparse.Namespace) -> store.Store:
+    """``--store URL``; else REPO's default store; else the collector's
+    (``$OPQ_COLLECTOR_DB`` or SQLite under /var/lib/opq-box-collector)."""
+    if getattr(args, "repo", None) is not None:
+        return store.open_repo_store(args.repo, args.store)
+    return store.open_store(args.store or store.collector_store_url(os.environ))
+
+
 def cmd_fleet(args: argparse.Namespace) -> int:
-    sys.stdout.write(serve.format_fleet(serve.fleet_rows(args.repo)))
+    opened = _store(args)
+    sys.stdout.write(fleet.format_fleet(fleet.fleet_rows(opened)))
+    conflicts = len(opened.conflicts())
+    if conflicts:
+        print(f"{PROG}: warning: {conflicts} conflicting report(s), not shown above: "
+              "see opq-box-publish boxes list", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_boxes(args: argparse.Namespace) -> int:
+    if (args.action == "list") != (args.box is None) or (args.key and args.action != "accept"):
+        raise PublishError("usage: boxes list | boxes accept BOX [--key KEYID] | "
+                           "boxes reject BOX | boxes rekey BOX")
+    opened = _store(args)
+    if args.action == "list":
+        sys.stdout.write(fleet.format_boxes(opened.boxes(), opened.conflicts()))
+        return EXIT_OK
+    if args.action == "accept":
+        box = opened.accept(args.box, args.key)
+    elif args.action == "reject":
+        box = opened.reject(args.box)
+    else:
+        box = opened.rekey(args.box)
+    text = (f"box {printable(box.box_id)}: {box.state}, key {box.key_id or '-'}, "
+            f"counter {box.counter}")
+    logger.info("boxes %s: %s", args.action, text)
+    _out(text)
     return EXIT_OK
 
 
@@ -358,11 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version-file", default=repo.DEFAULT_VERSION_FILE, metavar="F",
                    help="the channel to export (default version.json)")
 
+    db_help = ("report store: sqlite:////ABS/PATH.db or postgresql://USER@HOST/DB (default: "
+               "REPO/.reports/reports.db with REPO, else $OPQ_COLLECTOR_DB or "
+               f"{store.DEFAULT_COLLECTOR_DB})")
     p = add("serve", cmd_serve, "development HTTP server (ETag, Range, POST /report)")
     p.add_argument("repo", type=Path, metavar="REPO")
     p.add_argument("--bind", default="127.0.0.1", metavar="ADDRESS")
     p.add_argument("--port", type=int, default=serve.DEFAULT_PORT, metavar="PORT",
                    help="0 picks a free port (printed on the first line)")
+    p.add_argument("--store", metavar="URL", help=db_help)
 
     p = add("rollout", cmd_rollout_status, "rollout health; widen or halt a phased rollout")
     stages = p.add_subparsers(dest="step", required=True, metavar="STEP")
@@ -403,8 +442,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollout", type=_percent, default=100, metavar="PERCENT")
     p.add_argument("--expires", type=_expires, metavar="DURATION", help="default 30d")
 
-    p = add("fleet", cmd_fleet, "table of boxes from the reports serve received")
-    p.add_argument("repo", type=Path, metavar="REPO")
+    p = add("fleet", cmd_fleet, "table of boxes: the newest report of each")
+    p.add_argument("repo", type=Path, metavar="REPO", nargs="?")
+    p.add_argument("--store", metavar="URL", help=db_help)
+
+    p = add("boxes", cmd_boxes, "list, accept, reject or re-key the boxes that report")
+    p.epilog = ("A box's key is learned from its first signed report; a report signed by "
+                "another key for the same box id is kept as a conflict. accept BOX --key "
+                "KEYID trusts a key seen in a conflict; accept BOX takes a rejected box "
+                "back; reject BOX refuses its reports; rekey BOX forgets its key, so the "
+                "next report's key is learned (a reinstalled box).")
+    p.add_argument("action", choices=("list", "accept", "reject", "rekey"))
+    p.add_argument("box", nargs="?", metavar="BOX")
+    p.add_argument("--key", metavar="KEYID", help="accept: a key id (or 8+ digit prefix) "
+                   "seen in the box's conflicts")
+    p.add_argument("--repo", type=Path, metavar="REPO",
+                   help="the store of serve for REPO")
+    p.add_argument("--store", metavar="URL", help=db_help)
     return parser
 
 

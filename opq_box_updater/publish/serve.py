@@ -7,21 +7,16 @@ and never serves anything outside the repository (``..``, symlinks pointing out)
 dotfile or file below a dot-directory (temp files, ``.reports``). Files are streamed, so a
 1 GiB package costs no memory.
 
-``POST /report`` stores the latest report of each box (JSON object with ``box_id``; at most
-16 KiB) atomically in ``REPO/.reports/<box>.json``; ``fleet`` prints them as a table. What a
-box sends when ``report_url`` is set (``updater.py``)::
-
-    {"box_id": "…", "installed_version": 7, "last_result": "updated",
-     "last_message": "…", "last_run": "2031-01-02T03:04:05Z", "duration": 12.5}
-
-The shorter names ``result``/``error`` and ``versions`` (``{"installed": 7, ...}`` or an
-integer) are understood too; every field is stored as sent.
+``POST /report`` takes a box's report through the collector's own code
+(:func:`.reports.receive`: the same bounds, signature checks, rate limit and store), and
+also takes unsigned reports, stored as such, for the demo and old boxes. The store is the
+repository's default (``REPO/.reports/reports.db``, SQLite; see :mod:`.store`) or the one
+``--db`` names; ``fleet`` prints it as a table. The production collector is
+``collector.py`` under gunicorn.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import socket
@@ -29,7 +24,6 @@ import stat
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from email.utils import formatdate, parsedate_to_datetime
 from http import HTTPStatus
@@ -38,21 +32,15 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO, cast
 from urllib.parse import unquote, urlsplit
 
-from ..fsutil import atomic_write, utcnow
-from ..metadata import format_time
-from .common import CHUNK, PublishError
+from ..fsutil import utcnow
+from .common import CHUNK, PublishError, printable
+from .reports import REPORT_MAX_BYTES, RateLimiter, receive
+from .store import open_repo_store
 
-REPORTS_DIR = ".reports"
-REPORT_MAX_BYTES = 16 * 1024
-MAX_REPORTS = 100_000
-#: Reports nest 2 or 3 deep; deeper is refused before parsing (5000 deep used to raise an
-#: uncaught RecursionError in the request thread).
-REPORT_MAX_DEPTH = 32
 #: Connections served at once; more are closed at once, so half-open connections cannot
 #: make the server start unbounded threads (each holds one for up to ``timeout`` seconds).
 MAX_CONNECTIONS = 64
 DEFAULT_PORT = 8151
-_SAFE_BOX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _TYPES = {".json": "application/json", ".zip": "application/zip",
           ".deb": "application/vnd.debian.binary-package"}
@@ -65,10 +53,12 @@ class RepoServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], repo: Path,
                  clock: Callable[[], datetime] = utcnow, log: TextIO | None = None,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_connections: int = MAX_CONNECTIONS, store_url: str | None = None) -> None:
         self.repo = repo.resolve()
         self.clock = clock
         self.log = log
+        self.store = open_repo_store(self.repo, store_url)
+        self.limiter = RateLimiter()
         self.slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, RepoHandler)
 
@@ -95,13 +85,13 @@ class RepoServer6(RepoServer):
 
 
 def make_server(repo: Path, bind: str = "127.0.0.1", port: int = DEFAULT_PORT,
-                log: TextIO | None = None) -> RepoServer:
+                log: TextIO | None = None, store_url: str | None = None) -> RepoServer:
     """A bound server for ``repo`` (``port`` 0 picks a free port: see ``server_address``)."""
     if not repo.is_dir():
         raise PublishError(f"{repo} is not a directory")
     cls = RepoServer6 if ":" in bind else RepoServer
     try:
-        return cls((bind, port), repo, log=log)
+        return cls((bind, port), repo, log=log, store_url=store_url)
     except (OSError, OverflowError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise PublishError(f"cannot listen on {bind} port {port}: {reason}") from None
@@ -114,9 +104,9 @@ def server_url(server: RepoServer) -> str:
 
 
 def serve(repo: Path, bind: str = "127.0.0.1", port: int = DEFAULT_PORT,
-          out: TextIO = sys.stdout) -> None:
+          out: TextIO = sys.stdout, store_url: str | None = None) -> None:
     """Serve until interrupted; line 1 of ``out`` is ``serving REPO on URL`` (flushed)."""
-    server = make_server(repo, bind, port)
+    server = make_server(repo, bind, port, store_url=store_url)
     print(f"serving {repo} on {server_url(server)}", file=out, flush=True)
     try:
         server.serve_forever()
@@ -290,46 +280,13 @@ class RepoHandler(BaseHTTPRequestHandler):
                             f"reports are limited to {REPORT_MAX_BYTES} bytes")
             return
         body = self.rfile.read(int(raw_length))
-        try:
-            text = body.decode("utf-8")
-            report = json.loads(text) if json_depth(text) <= REPORT_MAX_DEPTH else None
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            report = None
-        box_id = report.get("box_id") if isinstance(report, dict) else None
-        if not isinstance(box_id, str) or not 0 < len(box_id) <= 256:
-            self.send_error(HTTPStatus.BAD_REQUEST, "expected a JSON object with a box_id")
-            return
-        repo = self.repo_server.repo
-        if not report_file(repo, box_id).exists() and _report_count(repo) >= MAX_REPORTS:
-            # Each box keeps one file; this bounds the disk a flood of invented ids can use.
-            self.send_error(HTTPStatus.INSUFFICIENT_STORAGE, "too many boxes")
-            return
-        store_report(repo, cast(dict[str, Any], report), self.repo_server.clock(),
-                     self.client_address[0])
-        self._send_head(HTTPStatus.NO_CONTENT, {}, None)  # 204 carries no Content-Length
-
-
-def json_depth(text: str) -> int:
-    """How deep ``[`` and ``{`` nest in ``text``, outside strings; linear and iterative, so
-    it is safe to run on any body before :func:`json.loads` (which recurses)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
-    return deepest
+        server = self.repo_server
+        answer = receive(server.store, body, self.client_address[0], server.clock(),
+                         server.limiter, allow_unsigned=True)
+        if answer.status == HTTPStatus.NO_CONTENT:
+            self._send_head(HTTPStatus.NO_CONTENT, {}, None)  # 204 carries no Content-Length
+        else:
+            self.send_error(answer.status, printable(answer.message))
 
 
 class RangeNotSatisfiableError(ValueError):
@@ -367,86 +324,3 @@ def _copy(src: BinaryIO, dst: Any, length: int) -> None:
         remaining -= len(chunk)
 
 
-# --- reports and the fleet table -----------------------------------------------------------
-
-
-def report_file(repo: Path, box_id: str) -> Path:
-    """Where a box's latest report is kept; ids that are not plain names are hashed."""
-    safe = box_id if _SAFE_BOX.fullmatch(box_id) else (
-        "id-" + hashlib.sha256(box_id.encode("utf-8")).hexdigest()[:32])
-    return repo / REPORTS_DIR / f"{safe}.json"
-
-
-def _report_count(repo: Path) -> int:
-    folder = repo / REPORTS_DIR
-    return sum(1 for _ in folder.glob("*.json")) if folder.is_dir() else 0
-
-
-def store_report(repo: Path, report: dict[str, Any], received: datetime, remote: str) -> Path:
-    """Replace the box's stored report atomically with ``report`` and when it arrived."""
-    path = report_file(repo, str(report["box_id"]))
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    record = {"received": format_time(received), "remote": remote, "report": report}
-    atomic_write(path, (json.dumps(record, sort_keys=True, indent=2) + "\n").encode(), 0o600)
-    return path
-
-
-@dataclass(frozen=True)
-class FleetRow:
-    """One box as its latest report describes it."""
-
-    box_id: str
-    installed: str
-    result: str
-    last_seen: str  # when the server received the report (the box clock may be wrong)
-    message: str  # the error, or the box's last message
-
-
-def fleet_rows(repo: Path) -> list[FleetRow]:
-    """Every stored report, sorted by box id (unreadable files are skipped)."""
-    rows: list[FleetRow] = []
-    folder = repo / REPORTS_DIR
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            report = record["report"]
-            rows.append(FleetRow(
-                box_id=str(report["box_id"]),
-                installed=_installed(report),
-                result=str(report.get("result") or report.get("last_result") or "-"),
-                last_seen=str(record.get("received", "-")),
-                message=str(report.get("error") or report.get("last_message") or "")))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return sorted(rows, key=lambda r: r.box_id)
-
-
-def _installed(report: dict[str, Any]) -> str:
-    versions = report.get("versions")
-    if isinstance(versions, dict):
-        versions = versions.get("installed", versions.get("installed_version"))
-    if versions is None:
-        versions = report.get("installed_version")
-    return "-" if versions is None else str(versions)
-
-
-def printable(text: str) -> str:
-    """``text`` with every character a terminal would act on (C0/C1 controls such as ESC,
-    DEL, bidi overrides and other invisible format characters) shown as a Python escape:
-    reports and request lines come from anyone who can reach the server, and must not
-    drive the operator's terminal."""
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
-                   for ch in text)
-
-
-def format_fleet(rows: list[FleetRow]) -> str:
-    """A plain-text table: BOX, INSTALLED, RESULT, LAST SEEN, MESSAGE, every cell
-    :func:`printable`."""
-    header = ("BOX", "INSTALLED", "RESULT", "LAST SEEN", "MESSAGE")
-    table = [header] + [tuple(printable(cell) for cell in (
-        r.box_id, r.installed, r.result, r.last_seen, " ".join(r.message.split())[:60]))
-        for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
-             + "  " + row[-1] for row in table]
-    return "\n".join(line.rstrip() for line in lines) + "\n"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,9 +44,16 @@ REJECTED, REPLAYED, FULL = "rejected", "replayed", "full"
 TRUSTED, REKEY = "trusted", "rekey"
 #: At most this many box ids; a flood of invented ids (anyone can make a key) stops here.
 MAX_BOXES = 1_000_000
+#: Conflicts kept per box id: enough to see and accept a re-keyed box, bounded against a
+#: stranger who signs with endless new keys under a known box's id.
+MAX_CONFLICTS = 100
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another (SQLite) before failing
 SQLITE_PREFIX = "sqlite:///"
 DB_NAME = "reports.db"
+#: The collector's store: this environment variable (the systemd unit reads it from
+#: /etc/default/opq-box-collector), else SQLite under /var/lib.
+COLLECTOR_DB_ENV = "OPQ_COLLECTOR_DB"
+DEFAULT_COLLECTOR_DB = SQLITE_PREFIX + "/var/lib/opq-box-collector/" + DB_NAME
 
 #: The schema, as migrations applied in order; version N is ``MIGRATIONS[N - 1]``.
 #: ``{id}`` is the only dialect-specific text: an auto-increasing integer primary key.
@@ -134,6 +141,9 @@ class Store(Protocol):
     def conflicts(self) -> list[ReportRecord]:
         """Every report stored as a conflict, newest first."""
 
+    def report_count(self) -> int:
+        """How many reports are stored (all statuses)."""
+
     def boxes(self) -> list[BoxRecord]:
         """Every box the collector knows, by box id."""
 
@@ -176,6 +186,11 @@ def open_store(url: str) -> Store:
         return SqlStore(url, _postgres_connect(url), "BIGSERIAL PRIMARY KEY", postgres=True)
     raise StoreError(f"unknown store {url!r}: use sqlite:////ABSOLUTE/PATH.db or "
                      "postgresql://USER@HOST/DB")
+
+
+def collector_store_url(environ: Mapping[str, str]) -> str:
+    """The collector's store URL: ``$OPQ_COLLECTOR_DB`` or :data:`DEFAULT_COLLECTOR_DB`."""
+    return environ.get(COLLECTOR_DB_ENV) or DEFAULT_COLLECTOR_DB
 
 
 def open_repo_store(repo: Path, url: str | None = None) -> Store:
@@ -360,6 +375,10 @@ class SqlStore:
                             (TRUSTED, record.key_id, record.public_key, record.counter, seen,
                              record.box_id))
             elif box.key_id != record.key_id:
+                cur.execute(self._sql("SELECT COUNT(*) FROM reports WHERE box_id = ? AND "
+                                      "status = ?"), (record.box_id, CONFLICT))
+                if cur.fetchone()[0] >= MAX_CONFLICTS:
+                    return FULL
                 self._insert(cur, _with_status(record, CONFLICT))
                 return CONFLICT
             elif record.counter <= box.counter:
