@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -125,14 +126,16 @@ class Nginx:
     one worker with 1024 connections, is plenty for one box). ``http_extra`` is appended
     to the ``http`` block verbatim (e.g. ``"sendfile on;"`` for a benchmark). Start with
     ``with`` or :meth:`start` / :meth:`stop`. ``apt_dir`` is the directory served under
-    ``/apt/`` (the operators' apt repository).
+    ``/apt/`` (the operators' apt repository). ``site_filter`` rewrites the site after its
+    substitutions (the collector's include).
     """
 
     start_timeout = 10.0
 
     def __init__(self, root: Path, work_dir: Path, *, worker_processes: int = 1,
                  worker_connections: int = 1024, http_extra: str = "",
-                 binary: str | None = None, apt_dir: Path | None = None) -> None:
+                 binary: str | None = None, apt_dir: Path | None = None,
+                 site_filter: Callable[[str], str] | None = None) -> None:
         self.root = root.resolve()
         self.apt_dir = apt_dir
         self.work_dir = work_dir.resolve()
@@ -140,6 +143,7 @@ class Nginx:
         self.worker_connections = worker_connections
         self.http_extra = http_extra
         self.binary = binary
+        self.site_filter = site_filter
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -178,8 +182,9 @@ class Nginx:
         """Write ``nginx.conf`` and ``site.conf`` for ``port`` into ``work_dir``."""
         temp = self.work_dir / "temp"
         temp.mkdir(parents=True, exist_ok=True)
+        site = site_config(self.root, port, apt_dir=self.apt_dir)
         (self.work_dir / "site.conf").write_text(
-            site_config(self.root, port, apt_dir=self.apt_dir))
+            self.site_filter(site) if self.site_filter else site)
         # As root, workers would run as nobody and could not read a 0700 test directory.
         user = "user root;\n" if os.geteuid() == 0 else ""
         mime = f"  include {MIME_TYPES};\n" if MIME_TYPES.exists() else ""

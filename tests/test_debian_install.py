@@ -356,6 +356,9 @@ def check_fresh_install(root: Root) -> None:
     for directory, mode in (("/var/lib/opq-box-updater", 0o700),
                             ("/var/cache/opq-box-updater", 0o700), ("/var/log/opq", 0o755)):
         assert stat.S_IMODE(root.file(directory).stat().st_mode) == mode, directory
+    key = root.file("/var/lib/opq-box-updater/report_key.pem")  # made by postinst (issue 10)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and key.stat().st_uid == 0
+    assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
 
     cron = root.file("/etc/cron.d/opq-box-updater")
     assert stat.S_IMODE(cron.stat().st_mode) == 0o644

@@ -1,0 +1,98 @@
+"""The report collector as operators run it, for tests and the benchmark: Debian's gunicorn
+serving ``opq_box_updater.publish.collector:application`` on a Unix socket, and the shipped
+nginx site with the shipped collector snippet (``docs/nginx/opq-box-collector.conf``)
+included, its socket path the only substitution.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+PROJECT = Path(__file__).resolve().parent.parent
+SNIPPET = PROJECT / "docs" / "nginx" / "opq-box-collector.conf"
+SHIPPED_SOCKET = "/run/opq-box-collector/gunicorn.sock"
+INCLUDE = "#include /etc/nginx/snippets/opq-box-collector.conf;"
+APP = "opq_box_updater.publish.collector:application"
+
+
+def find_gunicorn() -> str | None:
+    return shutil.which("gunicorn") or shutil.which("gunicorn", path="/usr/bin:/bin")
+
+
+def collector_site(sock: Path, snippet_copy: Path) -> Callable[[str], str]:
+    """A ``site_filter`` for :class:`nginxfix.Nginx`: the snippet, with ``sock`` for the
+    shipped socket path, written to ``snippet_copy`` and included where the shipped site
+    has the commented include. Fails loudly when either file changed shape."""
+    text = SNIPPET.read_text()
+    if text.count(SHIPPED_SOCKET) != 1:
+        raise RuntimeError(f"{SNIPPET}: expected the socket {SHIPPED_SOCKET} once")
+    snippet_copy.write_text(text.replace(SHIPPED_SOCKET, str(sock)))
+
+    def site_filter(site: str) -> str:
+        if site.count(INCLUDE) != 1:
+            raise RuntimeError(f"the shipped site lost its line {INCLUDE!r}")
+        return site.replace(INCLUDE, f"include {snippet_copy};")
+    return site_filter
+
+
+class Gunicorn:
+    """gunicorn with the collector on ``sock``, its store ``db_url``; output in ``log``."""
+
+    def __init__(self, sock: Path, db_url: str, log: Path, *, workers: int = 2,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.sock, self.db_url, self.log, self.workers = sock, db_url, log, workers
+        self.extra_env = extra_env or {}
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> Gunicorn:
+        binary = find_gunicorn()
+        if binary is None:
+            raise FileNotFoundError("gunicorn is not installed (apt-get install gunicorn)")
+        env = {**os.environ, "OPQ_COLLECTOR_DB": self.db_url,
+               "PYTHONPATH": str(PROJECT), **self.extra_env}
+        env.pop("GUNICORN_CMD_ARGS", None)
+        with self.log.open("ab") as out:
+            self._proc = subprocess.Popen(
+                [binary, "--bind", f"unix:{self.sock}", "--workers", str(self.workers),
+                 "--umask", "0", "--graceful-timeout", "5", APP],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+                cwd=self.log.parent)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                raise RuntimeError("gunicorn exited: " + self.log.read_text()[-2000:])
+            try:
+                with socket.socket(socket.AF_UNIX) as probe:
+                    probe.connect(str(self.sock))
+                return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("gunicorn did not listen: " + self.log.read_text()[-2000:])
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=10)
+        self._proc = None
+
+    def __enter__(self) -> Gunicorn:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
