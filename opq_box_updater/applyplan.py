@@ -21,7 +21,15 @@ from pathlib import Path
 
 from .config import Config
 from .fsutil import unsafe_dir_reason, unsafe_file_reason
-from .guard import PackageState, RunStatus, dpkg_root_env, not_installed, root_options
+from .guard import (
+    PackageState,
+    RunStatus,
+    base_name,
+    dpkg_root_env,
+    not_installed,
+    package_key,
+    root_options,
+)
 from .package import APT_CONFIG_FILE, RUN_STATUS_FILE, DebInfo, Manifest
 from .runner import child_env, tail
 
@@ -49,8 +57,10 @@ class UpdatePlan:
 
     @property
     def targets(self) -> dict[str, str]:
-        """Package name -> the version this update installs."""
-        return {deb.package: deb.version for deb in self.debs}
+        """Package key (:func:`~opq_box_updater.guard.package_key`: ``name``, or
+        ``name:arch`` for ``Multi-Arch: same``) -> the version this update installs."""
+        return {package_key(deb.package, deb.architecture, deb.multi_arch): deb.version
+                for deb in self.debs}
 
     @property
     def run_script(self) -> Path | None:
@@ -260,18 +270,22 @@ CONFIG_FILES = "(config-files)"
 
 
 def encode_states(states: Mapping[str, PackageState]) -> dict[str, str]:
-    """The whole installed set as the journal keeps it, ``name -> "want flag status
-    version"``; packages dpkg records as ``not-installed`` are left out."""
-    return {name: f"{state.status} {state.version}" for name, state in states.items()
-            if state.present}
+    """The whole installed set as the journal keeps it, ``key -> "want flag status version
+    arch"`` (keys as :func:`~opq_box_updater.guard.package_key` makes them); packages dpkg
+    records as ``not-installed`` are left out."""
+    return {key: " ".join(filter(None, (state.status, state.version, state.architecture)))
+            for key, state in states.items() if state.present}
 
 
 def decode_states(encoded: Mapping[str, str]) -> dict[str, PackageState]:
-    """The inverse of :func:`encode_states`."""
+    """The inverse of :func:`encode_states`; also reads an older updater's journal, written
+    without the architecture (``"want flag status version"``)."""
     states = {}
-    for name, text in encoded.items():
-        status, _, version = text.rpartition(" ")
-        states[name] = PackageState(version=version, status=status)
+    for key, text in encoded.items():
+        words = text.split(" ")
+        version = words[3] if len(words) > 3 else ""
+        arch = words[4] if len(words) > 4 else ""
+        states[key] = PackageState(version, " ".join(words[:3]), arch)
     return states
 
 
@@ -448,18 +462,36 @@ def conflicting(relations: str, states: Mapping[str, PackageState],
     found = []
     for group in PkgRelation.parse_relations(relations):
         for rel in group:
-            version = installed_version(states.get(rel["name"]))
-            if version is None:
+            # every installed instance: a Multi-Arch: same package may have several
+            instances = [(key, version) for key, state in states.items()
+                         if base_name(key) == rel["name"]
+                         and (version := installed_version(state)) is not None]
+            if not instances:
                 for provider in (providers or {}).get(rel["name"], ()):
                     installed = installed_version(states.get(provider))
                     if installed is not None:
                         found.append((provider, installed))
                 continue
             restriction = rel.get("version")
-            if restriction is None or ops[restriction[0]](
-                    version_compare(version, restriction[1])):
-                found.append((rel["name"], version))
+            found += [(key, version) for key, version in instances
+                      if restriction is None
+                      or ops[restriction[0]](version_compare(version, restriction[1]))]
     return found
+
+
+def apt_keys(apt_name: str, states: Mapping[str, PackageState],
+             native: str) -> list[str]:
+    """The package keys (:func:`~opq_box_updater.guard.package_key`) apt's ``apt_name``
+    may stand for on a box whose native architecture is ``native``: the installed instance
+    when there is one, else both forms the new package may get (``name`` and
+    ``name:arch``), so that a rollback's scope holds it either way."""
+    name, _, arch = apt_name.partition(":")
+    archs = {arch} if arch else {native, "all"}
+    installed = [key for key, state in states.items() if base_name(key) == name
+                 and state.present and state.architecture in archs]
+    if installed:
+        return installed
+    return [name, *(f"{name}:{a}" for a in sorted(archs))]
 
 
 def rollback_needs(targets: Mapping[str, str], states: Mapping[str, PackageState],
@@ -482,7 +514,8 @@ _APT_SIM = re.compile(r"(Inst|Remv) (\S+)(?: \[(\S+)\])?(?: \((\S+).*\))?.*")
 
 @dataclass(frozen=True)
 class AptSimulation:
-    """What ``apt-get -s install`` says the transaction will do."""
+    """What ``apt-get -s install`` says the transaction will do, packages named as apt
+    names them (``name`` for the native architecture and ``all``, else ``name:arch``)."""
 
     removes: dict[str, str]  # name -> installed version
     upgrades: dict[str, str]  # name -> installed version (replaced by another)
@@ -497,8 +530,7 @@ def parse_apt_simulation(output: str) -> AptSimulation:
         match = _APT_SIM.fullmatch(line)
         if not match:
             continue
-        what, name, old, _new = match.groups()
-        name = name.split(":")[0] if ":" in name else name
+        what, name, old, _new = match.groups()  # name as apt prints it: maybe name:arch
         if what == "Remv":
             removes[name] = old or ""
         elif old:

@@ -39,12 +39,21 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def identity(path: Path) -> tuple[str, str] | None:
-    """(Package, Version) from the deb's own control part; None when it is not a deb."""
-    result = run(["dpkg-deb", "--show", "--showformat=${Package}\t${Version}\n", path],
+def identity(path: Path) -> tuple[str, str, str] | None:
+    """(Package, Version, Architecture) from the deb's own control part; None when it is not
+    a deb."""
+    result = run(["dpkg-deb", "--show",
+                  "--showformat=${Package}\t${Version}\t${Architecture}\n", path],
                  check=False, timeout=120)
-    name, _, version = result.output.partition("\n")[0].partition("\t")
-    return (name, version) if result.returncode == 0 else None
+    fields = result.output.partition("\n")[0].split("\t")
+    return (fields[0], fields[1], fields[2]) if result.returncode == 0 and len(fields) == 3 \
+        else None
+
+
+def _is(path: Path, name: str, version: str, arch: str) -> bool:
+    """True when the deb at ``path`` is ``name`` ``version`` (and ``arch``, unless empty)."""
+    found = identity(path)
+    return found is not None and found[:2] == (name, version) and arch in ("", found[2])
 
 
 def readable_whole(path: Path) -> bool:
@@ -105,25 +114,28 @@ def clean_leftovers(cache: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def _candidates(directory: Path, name: str, version: str) -> Iterable[Path]:
+def _candidates(directory: Path, name: str, version: str, arch: str) -> Iterable[Path]:
     forms = dict.fromkeys([version.replace(":", "%3a"), version,
                            version.partition(":")[2] if ":" in version else version])
+    archs = glob.escape(arch) if arch else "*"
     for form in forms:
-        yield from sorted(directory.glob(f"{glob.escape(name)}_{glob.escape(form)}_*.deb"))
+        yield from sorted(directory.glob(f"{glob.escape(name)}_{glob.escape(form)}_{archs}.deb"))
 
 
-def find(cache: Path, others: Iterable[Path], name: str, version: str) -> Path | None:
-    """An intact deb of exactly ``name`` ``version``: from ``cache``, else from one of
-    ``others`` (checked whole, then copied into ``cache`` with its sha256). None when there
-    is none."""
-    for path in _candidates(cache, name, version):
-        if identity(path) == (name, version) and intact(path):
+def find(cache: Path, others: Iterable[Path], name: str, version: str,
+         arch: str = "") -> Path | None:
+    """An intact deb of exactly ``name`` ``version`` (and architecture ``arch`` unless it is
+    empty: the ``i386`` copy of a Multi-Arch package is not the ``amd64`` one): from
+    ``cache``, else from one of ``others`` (checked whole, then copied into ``cache`` with
+    its sha256). None when there is none."""
+    for path in _candidates(cache, name, version, arch):
+        if _is(path, name, version, arch) and intact(path):
             return path
         logger.warning("rollback cache: %s is damaged or not %s %s; ignored", path.name,
                        name, version)
     for directory in others:
-        for path in _candidates(directory, name, version):
-            if identity(path) != (name, version) or not readable_whole(path):
+        for path in _candidates(directory, name, version, arch):
+            if not _is(path, name, version, arch) or not readable_whole(path):
                 logger.warning("%s is damaged or not %s %s; ignored", path, name, version)
                 continue
             try:

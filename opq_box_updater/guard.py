@@ -47,15 +47,32 @@ OPQ_VARS = ("OPQ_UPDATE_VERSION", "OPQ_PREVIOUS_VERSION", "OPQ_UPDATE_DIR")
 #: Prefix of each dpkg-query line we print, so that its "no packages found" lines on stderr
 #: (folded into the output by the runner) can never be mistaken for data.
 _MARK = "opq-pkg"
-_QUERY_FORMAT = _MARK + "\t${Package}\t${Version}\t${Status}\n"
+_QUERY_FORMAT = (_MARK + "\t${Package}\t${Architecture}\t${Multi-Arch}\t${Version}"
+                 "\t${Status}\n")
+
+
+def package_key(package: str, architecture: str, multi_arch: str) -> str:
+    """How the updater names one installed instance of a package: ``name:arch`` for a
+    ``Multi-Arch: same`` package (``libfoo:amd64`` and ``libfoo:i386`` may both be
+    installed, and dpkg's ``${binary:Package}`` qualifies them the same way), else the bare
+    name (dpkg lets only one instance of any other package be installed, whatever its
+    architecture). dpkg, dpkg-query and apt-get accept both forms as package arguments."""
+    return f"{package}:{architecture}" if multi_arch == "same" and architecture else package
+
+
+def base_name(key: str) -> str:
+    """The package name of a :func:`package_key` (``libfoo:i386`` -> ``libfoo``)."""
+    return key.partition(":")[0]
 
 
 @dataclass(frozen=True)
 class PackageState:
-    """One package as dpkg records it: ``status`` is dpkg's ``want flag status`` triple."""
+    """One package as dpkg records it: ``status`` is dpkg's ``want flag status`` triple;
+    ``architecture`` is empty when unknown (a journal written by an older updater)."""
 
     version: str
     status: str
+    architecture: str = ""
 
     @property
     def installed(self) -> bool:
@@ -90,14 +107,16 @@ def parse_query(output: str) -> dict[str, PackageState]:
     states: dict[str, PackageState] = {}
     for line in output.splitlines():
         fields = line.split("\t")
-        if len(fields) == 4 and fields[0] == _MARK:
-            states[fields[1]] = PackageState(version=fields[2], status=fields[3])
+        if len(fields) == 6 and fields[0] == _MARK:
+            _mark, name, arch, multi_arch, version, status = fields
+            states[package_key(name, arch, multi_arch)] = PackageState(version, status, arch)
     return states
 
 
 def query_packages(root: Path, names: Iterable[str]) -> dict[str, PackageState]:
-    """What dpkg in ``root`` records for ``names``; a package dpkg does not know is absent
-    from the result. Raises :class:`SubprocessError` when dpkg-query itself fails."""
+    """What dpkg in ``root`` records for ``names`` (package names or :func:`package_key`
+    keys), keyed by :func:`package_key`; a package dpkg does not know is absent from the
+    result. Raises :class:`SubprocessError` when dpkg-query itself fails."""
     wanted = sorted(set(names))
     if not wanted:
         return {}
@@ -111,10 +130,16 @@ def query_packages(root: Path, names: Iterable[str]) -> dict[str, PackageState]:
 
 
 def not_installed(expected: Mapping[str, str], states: Mapping[str, PackageState]) -> list[str]:
-    """Human-readable reasons why ``expected`` (package -> version) is not what dpkg has;
-    empty when every package is installed and configured at exactly its version."""
+    """Human-readable reasons why ``expected`` (:func:`package_key` -> version) is not what
+    dpkg has; empty when every package is installed and configured at exactly its version.
+    A bare name whose package is ``Multi-Arch: same`` (an older updater's ``--expect``)
+    stands for every installed instance."""
     reasons = []
     for name, version in sorted(expected.items()):
+        instances = [key for key in states if ":" not in name and base_name(key) == name]
+        if name not in states and instances:
+            reasons += not_installed({key: version for key in instances}, states)
+            continue
         state = states.get(name)
         if state is None or not state.present:
             reasons.append(f"{name} is not installed")

@@ -103,6 +103,7 @@ class DebInfo:
     package: str
     version: str
     architecture: str
+    multi_arch: str = ""  # "same" for a Multi-Arch: same package, else empty
 
 
 def _refuse(why: str) -> NoReturn:
@@ -456,17 +457,21 @@ def inspect_debs(extract_dir: Path, manifest: Manifest,
     """Read Package, Version and Architecture of every .deb with python-debian, in manifest
     order; refuse one that does not parse, has an architecture outside ``architectures``
     (see :func:`dpkg_architectures`; None, for the publisher, accepts any), or repeats a
-    package name."""
+    package name (a ``Multi-Arch: same`` package may come once per architecture)."""
     infos: list[DebInfo] = []
-    seen: dict[str, str] = {}
+    seen: dict[tuple[str, str], str] = {}
     for filename in manifest.debs:
         info = read_deb(extract_dir / filename, filename)
         if architectures is not None and info.architecture not in architectures:
             _refuse(f"{filename}: architecture {info.architecture!r} does not fit this box "
                     f"({', '.join(sorted(architectures))})")
-        if info.package in seen:
-            _refuse(f"{filename}: package {info.package!r} is also in {seen[info.package]}")
-        seen[info.package] = filename
+        instance = info.architecture if info.multi_arch == "same" else ""
+        others = {key: name for key, name in seen.items() if key[0] == info.package
+                  and not (instance and key[1] and key[1] != instance)}
+        if others:
+            _refuse(f"{filename}: package {info.package!r} is also in "
+                    f"{next(iter(others.values()))}")
+        seen[(info.package, instance)] = filename
         infos.append(info)
     return tuple(infos)
 
@@ -482,8 +487,10 @@ def read_deb(path: Path, filename: str) -> DebInfo:
         if not isinstance(value, str) or not pattern.fullmatch(value):
             _refuse(f"{filename}: control field {field} is missing or invalid ({value!r})")
         fields[field] = value
+    multi_arch = control.get("Multi-Arch")
     return DebInfo(filename=filename, package=fields["Package"], version=fields["Version"],
-                   architecture=fields["Architecture"])
+                   architecture=fields["Architecture"],
+                   multi_arch="same" if multi_arch == "same" else "")
 
 
 def deb_control(path: Path, filename: str) -> Mapping[str, str]:

@@ -23,6 +23,7 @@ from .applyplan import (
     AptSimulation,
     Commands,
     UpdatePlan,
+    apt_keys,
     cache_name,
     conflicting,
     decode_states,
@@ -33,7 +34,7 @@ from .applyplan import (
 )
 from .config import Config
 from .errors import ApplyError, PostponedError
-from .guard import root_options
+from .guard import PackageState, package_key, root_options
 from .runner import run, tail
 
 logger = logging.getLogger(__name__)
@@ -72,19 +73,24 @@ class RollbackCache:
             return ()
         if self.config.installer == "apt":
             simulation = self._simulate(plan)
-            allowed = set(plan.manifest.apt_allow_remove)
-            refused = sorted(set(simulation.removes) - allowed)
+            native = self._native_architecture()
+            removes = {key: name for name in simulation.removes
+                       for key in apt_keys(name, states, native) if key in states}
+            refused = sorted({name for key, name in removes.items()
+                              if not _allowed(key, states[key].architecture,
+                                              plan.manifest.apt_allow_remove)})
             if refused:
                 raise PostponedError(
                     f"apt would remove {', '.join(refused)} to apply release {plan.version}, "
                     "and the release does not allow it (opq-box-publish build "
                     "--apt-allow-remove)")
-            for name, version in simulation.removes.items():
-                # the rollback reinstalls it: its deb must be at hand before apt removes it
-                old = states.get(name)
-                others[name] = old.version if old is not None else version
-            others.update(simulation.upgrades)
-            scope.update(simulation.new)
+            # the rollback reinstalls what apt removes or upgrades: their debs must be at
+            # hand before apt runs
+            for name in [*simulation.removes, *simulation.upgrades]:
+                others.update((key, states[key].version)
+                              for key in apt_keys(name, states, native) if key in states)
+            for name in simulation.new:
+                scope.update(apt_keys(name, states, native))
         else:
             from .package import deb_control
 
@@ -100,10 +106,10 @@ class RollbackCache:
             raise PostponedError(f"release {plan.version} is not applied: it would change "
                                  f"{', '.join(held)}, on hold on this box (release the hold "
                                  "with 'echo NAME install | dpkg --set-selections')")
-        missing = [label(name, version)
-                   for name, version in rollback_needs(plan.targets, states, others)
-                   if self.find(name, version) is None
-                   and self._download(plan, name, version) is None]
+        missing = [label(key, version)
+                   for key, version in rollback_needs(plan.targets, states, others)
+                   if self.find(key, version, _arch(key, states)) is None
+                   and self._download(plan, key, version, _arch(key, states)) is None]
         if missing:
             raise PostponedError(
                 f"release {plan.version} is not applied: a rollback would need "
@@ -116,15 +122,22 @@ class RollbackCache:
     def _providers(self) -> dict[str, list[str]]:
         """Virtual package name -> the installed packages that ``Provides`` it."""
         cmd = ["dpkg-query", *root_options(self.root), "--showformat",
-               "${Package}\t${Provides}\n", "--show"]
+               "${Package}\t${Architecture}\t${Multi-Arch}\t${Provides}\n", "--show"]
         providers: dict[str, list[str]] = {}
         for line in run(cmd, timeout=120).output.splitlines():
-            name, _, provides = line.partition("\t")
-            for item in provides.split(","):
+            fields = line.split("\t")
+            if len(fields) != 4:
+                continue
+            key = package_key(*fields[:3])
+            for item in fields[3].split(","):
                 virtual = item.strip().split(" ")[0]
                 if virtual:
-                    providers.setdefault(virtual, []).append(name)
+                    providers.setdefault(virtual, []).append(key)
         return providers
+
+    def _native_architecture(self) -> str:
+        return run(["dpkg", *root_options(self.root), "--print-architecture"],
+                   timeout=120).output.strip()
 
     def keep(self, plan: UpdatePlan) -> None:
         """Keep the applied debs as ``pkg_version_arch.deb`` (copied atomically, with their
@@ -137,14 +150,18 @@ class RollbackCache:
             for deb in plan.debs:
                 name = cache_name(deb.package, deb.version, deb.architecture)
                 debcache.store(plan.workdir / deb.filename, self.dir / name)
-                self._prune(deb.package, keep=name)
+                self._prune(deb.package, deb.architecture, keep=name)
         except OSError as exc:
             logger.error("cannot keep the applied debs in %s for rollbacks: %s", self.dir, exc)
 
-    def find(self, name: str, version: str) -> Path | None:
-        """An intact deb of exactly ``name`` ``version`` (its own control fields checked, not
-        just its name) from our cache, else from apt's archives (then copied into ours)."""
-        return debcache.find(self.dir, [self.root / APT_ARCHIVES], name, version)
+    def find(self, key: str, version: str, arch: str = "") -> Path | None:
+        """An intact deb of exactly ``key`` (a :func:`~opq_box_updater.guard.package_key`)
+        ``version``, of architecture ``arch`` unless the key names it or it is empty (its
+        own control fields checked, not just its name) from our cache, else from apt's
+        archives (then copied into ours)."""
+        name, _, qualifier = key.partition(":")
+        return debcache.find(self.dir, [self.root / APT_ARCHIVES], name, version,
+                             qualifier or arch)
 
     def apt_env(self, plan: UpdatePlan) -> dict[str, str]:
         """The environment of an apt-get call; in a sandbox root, apt's directories and its
@@ -176,24 +193,41 @@ class RollbackCache:
                                  f"{error_summary(result.output, 'apt-get')}")
         return parse_apt_simulation(result.output)
 
-    def _download(self, plan: UpdatePlan, name: str, version: str) -> Path | None:
-        """With ``installer: apt``, ``apt-get download name=version`` into our cache."""
+    def _download(self, plan: UpdatePlan, key: str, version: str, arch: str) -> Path | None:
+        """With ``installer: apt``, ``apt-get download name[:arch]=version`` into our cache."""
         if self.config.installer != "apt":
             return None
+        name, _, qualifier = key.partition(":")
+        arch = qualifier or arch
+        wanted = f"{name}:{arch}={version}" if arch not in ("", "all") else f"{name}={version}"
         with tempfile.TemporaryDirectory(dir=self.config.state_dir) as tmp:
-            result = run(["apt-get", "download", f"{name}={version}"],
+            result = run(["apt-get", "download", wanted],
                          env=self.apt_env(plan), cwd=Path(tmp), timeout=self.timeout,
                          check=False)
             if result.returncode != 0:
-                logger.warning("apt-get download %s=%s failed: %s", name, version,
+                logger.warning("apt-get download %s failed: %s", wanted,
                                tail(result.output, 1))
                 return None
-            return debcache.find(self.dir, [Path(tmp)], name, version)
+            return debcache.find(self.dir, [Path(tmp)], name, version, arch)
 
-    def _prune(self, package: str, *, keep: str) -> None:
-        others = [p for p in self.dir.glob(f"{glob.escape(package)}_*.deb")
+    def _prune(self, package: str, arch: str, *, keep: str) -> None:
+        """Per package and architecture (a Multi-Arch package's copies are kept apart)."""
+        others = [p for p in self.dir.glob(f"{glob.escape(package)}_*_{glob.escape(arch)}.deb")
                   if p.name.split("_")[0] == package and p.name != keep]
         others.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
         for old in others[KEEP_OTHER_VERSIONS:]:
             logger.info("removing %s from the rollback cache", old.name)
             debcache.remove(old)
+
+
+def _arch(key: str, states: Mapping[str, PackageState]) -> str:
+    """The architecture of the installed instance ``key`` ("" when unknown)."""
+    state = states.get(key)
+    return state.architecture if state is not None else ""
+
+
+def _allowed(key: str, arch: str, allow: tuple[str, ...]) -> bool:
+    """True when the manifest's ``apt_allow_remove`` names the instance ``key`` (of
+    architecture ``arch``): as ``name`` (any architecture) or ``name:arch``."""
+    name = key.partition(":")[0]
+    return name in allow or f"{name}:{arch}" in allow

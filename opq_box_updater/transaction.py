@@ -79,7 +79,7 @@ class Transaction:
         except PostponedError as exc:
             self.journal(state, Journal())
             return Applied("postponed", f"release {version} postponed: {exc}")
-        targets = {d.package: d.version for d in plan.debs}
+        targets = plan.targets
         journal = Journal(phase="applying", target_version=version,
                           previous_version=plan.previous_version, previous=previous,
                           targets=targets, workdir=str(plan.workdir),
