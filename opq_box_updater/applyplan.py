@@ -270,22 +270,21 @@ CONFIG_FILES = "(config-files)"
 
 
 def encode_states(states: Mapping[str, PackageState]) -> dict[str, str]:
-    """The whole installed set as the journal keeps it, ``key -> "want flag status version
-    arch"`` (keys as :func:`~opq_box_updater.guard.package_key` makes them); packages dpkg
-    records as ``not-installed`` are left out."""
-    return {key: " ".join(filter(None, (state.status, state.version, state.architecture)))
-            for key, state in states.items() if state.present}
+    """The whole installed set as the journal keeps it, ``key -> "want flag status
+    version"`` (keys as :func:`~opq_box_updater.guard.package_key` makes them); packages dpkg
+    records as ``not-installed`` are left out. The architecture is left out on purpose: an
+    older updater recovering from this journal (a self-downgrade cut by a power failure)
+    reads the last word as the version."""
+    return {key: f"{state.status} {state.version}" for key, state in states.items()
+            if state.present}
 
 
 def decode_states(encoded: Mapping[str, str]) -> dict[str, PackageState]:
-    """The inverse of :func:`encode_states`; also reads an older updater's journal, written
-    without the architecture (``"want flag status version"``)."""
+    """The inverse of :func:`encode_states` (architectures unknown: empty)."""
     states = {}
     for key, text in encoded.items():
-        words = text.split(" ")
-        version = words[3] if len(words) > 3 else ""
-        arch = words[4] if len(words) > 4 else ""
-        states[key] = PackageState(version, " ".join(words[:3]), arch)
+        status, _, version = text.rpartition(" ")
+        states[key] = PackageState(version=version, status=status)
     return states
 
 

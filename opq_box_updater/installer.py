@@ -237,13 +237,13 @@ class Installer:
         scope = tuple(scope) if scope is not None else None
         try:
             steps = self._steps(previous, baseline, scope)
-            self._restore(steps, env, baseline, with_hooks=True)
+            self._restore(steps, env, with_hooks=True)
             steps = self._steps(previous, baseline, scope)
             if steps.labels() and self.commands.has_invoke_hooks():
                 # The box's own hooks must not keep it half-updated: try once without them.
                 logger.warning("rollback incomplete with the pre-/post-invoke hooks; "
                                "retrying without them")
-                self._restore(steps, env, baseline, with_hooks=False)
+                self._restore(steps, env, with_hooks=False)
                 steps = self._steps(previous, baseline, scope)
             unrestored = steps.labels()
         except DpkgBusyError:
@@ -389,11 +389,11 @@ class Installer:
         now = self._query_all() if baseline is not None else query_packages(self.root, previous)
         return rollback_steps(previous, baseline, now, scope)
 
-    def _restore(self, steps: RollbackSteps, env: dict[str, str],
-                 baseline: Mapping[str, PackageState] | None, *, with_hooks: bool) -> None:
+    def _restore(self, steps: RollbackSteps, env: dict[str, str], *,
+                 with_hooks: bool) -> None:
         """One rollback pass: purge what was new, remove back to ``config-files`` what had
-        only its conffiles, then reinstall previous versions (each of the architecture it
-        had: ``baseline``, else the key's qualifier, else any)."""
+        only its conffiles, then reinstall previous versions (a ``Multi-Arch: same``
+        package's of the architecture its key names)."""
         purge = list(steps.purge)
         hooks = self.commands.invoke_options(None) if with_hooks else []
         # Purge first: a new package may conflict with or break an old version. The set we
@@ -411,8 +411,7 @@ class Installer:
         fault_point("rollback-after-purge")
         debs = []
         for name, version in steps.reinstall:
-            before = (baseline or {}).get(name)
-            deb = self.cache.find(name, version, before.architecture if before else "")
+            deb = self.cache.find(name, version)
             if deb is None:
                 logger.error("rollback: no %s %s deb in %s or %s", name, version,
                              self.config.state_dir / CACHE_DIR, self.root / APT_ARCHIVES)

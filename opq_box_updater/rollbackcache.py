@@ -9,6 +9,7 @@ module only decides which debs are at hand (:mod:`debcache` checks each file).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import tempfile
@@ -66,11 +67,13 @@ class RollbackCache:
         manifest's ``apt_allow_remove`` does not list (one it lists is in scope: the rollback
         reinstalls it), or when a package in scope is on hold (the administrator's hold
         wins, as with apt)."""
-        states = decode_states(before)
-        others: dict[str, str] = {}
-        scope = set(plan.targets)
         if not plan.debs:
             return ()
+        providers, archs = self._installed()
+        states = {key: dataclasses.replace(state, architecture=archs.get(key, ""))
+                  for key, state in decode_states(before).items()}
+        others: dict[str, str] = {}
+        scope = set(plan.targets)
         if self.config.installer == "apt":
             simulation = self._simulate(plan)
             native = self._native_architecture()
@@ -94,7 +97,6 @@ class RollbackCache:
         else:
             from .package import deb_control
 
-            providers = self._providers()
             for deb in plan.debs:
                 control = deb_control(plan.workdir / deb.filename, deb.filename)
                 for field in ("Conflicts", "Replaces"):
@@ -119,21 +121,24 @@ class RollbackCache:
                    " (put it there, or use installer: apt to download it)"))
         return tuple(sorted(scope))
 
-    def _providers(self) -> dict[str, list[str]]:
-        """Virtual package name -> the installed packages that ``Provides`` it."""
+    def _installed(self) -> tuple[dict[str, list[str]], dict[str, str]]:
+        """Virtual package name -> the installed packages that ``Provides`` it; and each
+        package's architecture (the journal's record of the installed set has none)."""
         cmd = ["dpkg-query", *root_options(self.root), "--showformat",
                "${Package}\t${Architecture}\t${Multi-Arch}\t${Provides}\n", "--show"]
         providers: dict[str, list[str]] = {}
+        archs: dict[str, str] = {}
         for line in run(cmd, timeout=120).output.splitlines():
             fields = line.split("\t")
             if len(fields) != 4:
                 continue
             key = package_key(*fields[:3])
+            archs[key] = fields[1]
             for item in fields[3].split(","):
                 virtual = item.strip().split(" ")[0]
                 if virtual:
                     providers.setdefault(virtual, []).append(key)
-        return providers
+        return providers, archs
 
     def _native_architecture(self) -> str:
         return run(["dpkg", *root_options(self.root), "--print-architecture"],

@@ -129,12 +129,14 @@ def test_query_lines_are_keyed_per_instance() -> None:
         "doc": PackageState("3.0", "deinstall ok config-files", "all")}
 
 
-def test_journal_states_keep_the_architecture_and_read_old_journals() -> None:
+def test_journal_states_stay_readable_by_an_older_updater() -> None:
+    """An older updater reads ``rpartition(" ")``: the last word must stay the version."""
     states = {"libfoo:i386": PackageState("1:1.0", "install ok installed", "i386")}
-    assert encode_states(states) == {"libfoo:i386": "install ok installed 1:1.0 i386"}
-    assert decode_states(encode_states(states)) == states
-    assert decode_states({"a": "install ok installed 1.0"}) == {
-        "a": PackageState("1.0", "install ok installed", "")}
+    encoded = encode_states(states)
+    assert encoded == {"libfoo:i386": "install ok installed 1:1.0"}
+    assert encoded["libfoo:i386"].rpartition(" ")[2] == "1:1.0"
+    assert decode_states(encoded) == {
+        "libfoo:i386": PackageState("1:1.0", "install ok installed", "")}
 
 
 def test_an_older_updaters_bare_name_stands_for_every_instance() -> None:
