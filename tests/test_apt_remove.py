@@ -24,7 +24,7 @@ from test_rollback_scope import _apply, _conflicting_v2, _image_package, _postpo
 from opq_box_updater.errors import UnsafePackageError
 from opq_box_updater.installer import UpdatePlan
 from opq_box_updater.package import Manifest, describe, load_manifest
-from opq_box_updater.publish import build, cli, repo
+from opq_box_updater.publish import build, cli, repo, stage
 from opq_box_updater.publish.common import PublishError
 
 NOW = datetime(2031, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -125,6 +125,23 @@ def test_release_refuses_a_hand_made_package_boxes_would_refuse(tmp_path: Path) 
     with pytest.raises(PublishError, match="apt_allow_remove must be a list"):
         repo.publish_release(tmp_path / "repo", tmp_path / "keys", package, now=NOW)
     assert sorted(p.name for p in (tmp_path / "repo").rglob("*")) == before
+
+
+def test_a_recall_keeps_the_removals_its_content_allowed(tmp_path: Path) -> None:
+    """``recall`` republishes v1's content as v3: its manifest must still allow what v1
+    allowed, or boxes with installer: apt would postpone the recall for ever."""
+    repo.init_repo(tmp_path / "repo", tmp_path / "keys", now=NOW)
+    deb = make_deb(tmp_path / "debs", "opq-hello", "1.0")
+    build.build_package(tmp_path / "v1.zip", version=1, debs=[deb],
+                        apt_allow_remove=["old"])
+    build.build_package(tmp_path / "v2.zip", version=2, debs=[deb])
+    for version in (1, 2):
+        repo.publish_release(tmp_path / "repo", tmp_path / "keys", tmp_path / f"v{version}.zip",
+                             now=NOW)
+    result = stage.recall(tmp_path / "repo", tmp_path / "keys", [], now=NOW)
+    assert (result.source.version, result.release.version) == (1, 3)
+    recalled = build.inspect_package(tmp_path / "repo" / result.release.package.path)
+    assert recalled.version == 3 and recalled.apt_allow_remove == ("old",)
 
 
 # --- the box ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from debs import make_deb
 
-from opq_box_updater.publish import build, common, repo
+from opq_box_updater.publish import build, common, history, repo, stage
 from opq_box_updater.publish.common import PublishError
 
 NOW = datetime(2031, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -88,6 +88,23 @@ def test_a_release_during_a_refresh_is_never_undone(
     assert current(work) == 2, "the refresh re-signed v1 over v2"
 
 
+def test_a_release_during_a_recall_is_never_undone(
+        work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``recall`` (issue 10) holds the same lock: a recall started while a release of v3
+    is between reading v2 and writing waits, then recalls v3 as v4 (with v2's content); it
+    never publishes its own v3 over the release's, nor recalls a release it did not see."""
+    repo.publish_release(work / "repo", work / "keys", work / "v2.zip", now=NOW)
+    seen = pause_in(monkeypatch, "store_package", lambda: stage.recall(
+        work / "repo", work / "keys", [], now=NOW))
+    repo.publish_release(work / "repo", work / "keys", work / "v3.zip", now=NOW)
+    seen["thread"].join(timeout=60)
+    assert not seen["thread"].is_alive()
+    assert seen["error"] is None, seen["error"]
+    assert current(work) == 4, "the recall must come after the release it recalls"
+    actions = [(e.action, e.version) for e in history.entries(work / "repo")]
+    assert actions[-2:] == [("release", 3), ("recall", 4)]
+
+
 def test_a_writer_without_the_lock_is_noticed_before_writing(
         work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A copy by hand (or an older publisher) between the check and the write: refused."""
@@ -124,7 +141,8 @@ def test_another_process_holding_the_lock_stops_a_release_after_the_wait(
                                                   work / "v2.zip", now=NOW),
                      lambda: repo.refresh_release(work / "repo", work / "keys", now=NOW),
                      lambda: repo.rotate_role(work / "repo", work / "keys", "release",
-                                              now=NOW)):
+                                              now=NOW),
+                     lambda: stage.recall(work / "repo", work / "keys", [], now=NOW)):
             with pytest.raises(PublishError, match="another opq-box-publish is still working"):
                 step()
         assert sorted(os.listdir(work / "repo/packages")) == before

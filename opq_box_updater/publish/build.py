@@ -9,6 +9,7 @@ so that a package boxes would refuse is refused here, before anything is signed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -103,7 +104,7 @@ def rebuild_package(src: Path, out: Path, *, version: int) -> Manifest:
     if type(version) is not int or version < 1:
         raise PublishError(f"version must be a positive integer, not {version!r}")
     old = inspect_package(src)
-    manifest = Manifest(old.format, version, old.debs, old.run, old.healthcheck)
+    manifest = dataclasses.replace(old, version=version)  # optional keys too
     scripts = {old.run, old.healthcheck}
     with tempfile.TemporaryDirectory(prefix="opq-publish-rebuild-") as tmp:
         workdir = extract_package(src, Path(tmp), max_unpacked_bytes=MAX_UNPACKED_BYTES)
