@@ -13,7 +13,7 @@ TMPFILES_DEB := $(if $(shell command -v systemd-tmpfiles 2>/dev/null),,systemd-s
 # The report collector (issue 10): gunicorn behind nginx, its store on SQLite and on a real
 # PostgreSQL (tests/pgfix.py runs a throw-away cluster).
 TEST_DEBS := $(BASE_DEBS) nginx-light curl fakeroot logrotate util-linux mount faketime \
-	$(TMPFILES_DEB) gunicorn postgresql python3-psycopg2
+	$(TMPFILES_DEB) gunicorn postgresql python3-psycopg2 shellcheck
 DEB_BUILD_DEBS := debhelper dh-python python3-all po-debconf lintian
 # The signed apt repository (scripts/apt-repo): apt-ftparchive, and gpg with its agent.
 APT_REPO_DEBS := apt-utils gpg gpg-agent

@@ -15,6 +15,8 @@ setup(
     description="Secure remote updater for OPQ Box power-quality monitors",
     license="MIT",
     packages=find_packages(include=["opq_box_updater", "opq_box_updater.*"]),
+    # The bridge's update.sh (opq-box-publish bridge) is read from the installed package.
+    package_data={"opq_box_updater.publish": ["bridge-update.sh"]},
     python_requires=">=3.11",
     install_requires=["requests", "cryptography", "python-debian"],
     entry_points={

@@ -33,8 +33,8 @@ CORE_STDLIB = {"__future__", "hashlib", "json", "re", "collections", "datetime",
                "cryptography"}
 #: The box modules the publisher may use: one implementation of the checks, no box state.
 SHARED_WITH_PUBLISHER = {"errors", "fsutil", "metadata", "package"}
-PUBLISH_LEVELS = {"common": 0, "sealed": 0, "keys": 1, "build": 1, "store": 1, "history": 1,
-                  "rollout": 1, "repo": 2, "fleetpage": 2, "reports": 2, "fleet": 2,
+PUBLISH_LEVELS = {"common": 0, "sealed": 0, "keys": 1, "build": 1, "bridge": 1, "store": 1,
+                  "history": 1, "rollout": 1, "repo": 2, "fleetpage": 2, "reports": 2, "fleet": 2,
                   "verify": 3, "stage": 3, "serve": 3, "collector": 3, "export": 4, "cli": 5}
 
 

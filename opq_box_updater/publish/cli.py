@@ -21,7 +21,19 @@ from pathlib import Path
 from .. import __version__
 from ..errors import ConfigError, RepositoryError
 from ..metadata import format_time
-from . import build, export, fleet, keys, repo, rollout, serve, stage, store, verify
+from . import (
+    bridge,
+    build,
+    export,
+    fleet,
+    keys,
+    repo,
+    rollout,
+    serve,
+    stage,
+    store,
+    verify,
+)
 from .common import (
     DEFAULT_RELEASE_EXPIRES,
     DEFAULT_ROOT_EXPIRES,
@@ -170,6 +182,25 @@ def cmd_export(args: argparse.Namespace) -> int:
          " after that refresh and export again")
     _out(f"on a box: mount -o ro,nodev,nosuid,noexec /dev/sda1 /mnt/usb; opq-box-updater run "
          f"--from /mnt/usb; umount /mnt/usb (its version_file must be {args.version_file})")
+    return EXIT_OK
+
+
+def cmd_bridge(args: argparse.Namespace) -> int:
+    apt = None
+    if (args.apt_source is None) != (args.apt_keyring is None):
+        raise PublishError("--apt-source and --apt-keyring go together")
+    if args.apt_source is not None:
+        apt = bridge.AptSource(args.apt_source, args.apt_keyring)
+    passphrase = (keys.read_passphrase(args.legacy_key_passphrase_file)
+                  if args.legacy_key_passphrase_file else None)
+    result = bridge.write_bridge(
+        args.legacy_dir, legacy_key=args.legacy_key, debs=args.deb,
+        server_url=args.server_url, trust_root=args.trust_root, with_debs=args.with_debs,
+        version_file=args.version_file, version=args.legacy_version, apt=apt,
+        passphrase=passphrase)
+    _out(f"published bridge v{result.version} in {result.version_file}: "
+         f"{result.package.name}, {result.public_key.name}, {result.signature.name}")
+    _out(f"  carries {', '.join(result.debs)}; moves boxes to {args.server_url}")
     return EXIT_OK
 
 
@@ -392,6 +423,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path, metavar="DIR")
     p.add_argument("--version-file", default=repo.DEFAULT_VERSION_FILE, metavar="F",
                    help="the channel to export (default version.json)")
+
+    p = add("bridge", cmd_bridge, "a release for boxes on the original updater that moves "
+            "them to opq-box-updater")
+    p.epilog = ("Writes a legacy-format release (version file, public key, tar package, base64 "
+                "signature) into LEGACY_DIR, signed with the operators' legacy RSA or EC key. "
+                "Its update.sh installs opq-box-updater (from the apt repository of "
+                "--apt-source when reachable, else from the carried debs), sets server_url "
+                "and the trust anchor, and retires the original updater only after "
+                "opq-box-updater verified the new server. See docs/migration.md.")
+    p.add_argument("legacy_dir", type=Path, metavar="LEGACY_DIR")
+    p.add_argument("--legacy-key", type=Path, required=True, metavar="KEY.pem",
+                   help="the original updater's signing key (RSA or EC, PEM)")
+    p.add_argument("--legacy-key-passphrase-file", type=Path, metavar="FILE")
+    p.add_argument("--deb", type=Path, action="append", required=True, metavar="FILE.deb",
+                   help="the opq-box-updater .deb (repeat for more debs to install)")
+    p.add_argument("--server-url", required=True, metavar="URL",
+                   help="the new repository the boxes follow (server_url)")
+    p.add_argument("--trust-root", type=Path, required=True, metavar="ROOT.json",
+                   help="the trust anchor the boxes pin (root/1.root.json of the new "
+                        "repository)")
+    p.add_argument("--with-debs", type=Path, metavar="DIR",
+                   help="more debs to carry (dependencies, for boxes without apt access)")
+    p.add_argument("--version-file", default=bridge.DEFAULT_VERSION_FILE, metavar="F",
+                   help="the legacy version file (the boxes' version_file)")
+    p.add_argument("--legacy-version", type=_positive, metavar="V",
+                   help="version of the bridge (default: the current one rounded down, +1)")
+    p.add_argument("--apt-source", type=Path, metavar="FILE.sources",
+                   help="deb822 source of the operators' apt repository, with Signed-By")
+    p.add_argument("--apt-keyring", type=Path, metavar="FILE",
+                   help="the keyring that source's Signed-By names")
+
 
     db_help = ("report store: sqlite:////ABS/PATH.db or postgresql://USER@HOST/DB (default: "
                "REPO/.reports/reports.db with REPO, else $OPQ_COLLECTOR_DB or "
