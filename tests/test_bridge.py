@@ -142,7 +142,7 @@ def test_the_package_unpacks_as_the_original_updater_runs_it(
     conf = dict(shlex.split(line)[0].split("=", 1)
                 for line in (download / "bridge.conf").read_text().splitlines()
                 if not line.startswith("#"))
-    assert conf == {"BRIDGE_VERSION": "1", "SERVER_URL": URL,
+    assert conf == {"BRIDGE_VERSION": "1", "SERVER_URL": URL, "REPORT_URL": "",
                     "DEBS": f"{inputs['updater'].name} {inputs['other'].name}",
                     "UPDATER_DEB": inputs["updater"].name, "APT_SOURCE": "",
                     "APT_KEYRING": "", "APT_KEYRING_PATH": ""}
@@ -185,6 +185,7 @@ def _broken_anchor(inputs: dict[str, Path], tmp_path: Path) -> Path:
     ("not-a-deb", 3, "is not a valid .deb"),
     ("anchor", 3, "trust anchor"),
     ("url", 2, "--server-url"),
+    ("report-url", 2, "--report-url"),
     ("version-file", 2, "--version-file"),
     ("not-a-number", 2, "is not a number"),
     ("sources-without-signed-by", 2, "Signed-By"),
@@ -209,6 +210,8 @@ def test_refusals_write_nothing(inputs: dict[str, Path], tmp_path: Path, change:
         args[args.index(inputs["anchor"])] = _broken_anchor(inputs, tmp_path)
     elif change == "url":
         args[args.index(URL)] = "http://x/ y"
+    elif change == "report-url":
+        args += ["--report-url", "ftp://x/report"]
     elif change == "version-file":
         args += ["--version-file", "../version.json"]
     elif change == "not-a-number":

@@ -10,9 +10,10 @@
 #      configured and reachable, else from the debs carried here), with the new
 #      server_url preseeded through debconf: the package's postinst turns the original
 #      /etc/opq/updater_config.json into the new config (and keeps a copy);
-#   2. pin the trust anchor carried here when the installed package ships another one;
+#   2. pin the trust anchor carried here when the installed package ships another one,
+#      and set report_url when the bridge names one;
 #   3. prove the new updater works: `opq-box-updater check` must verify the release
-#      of the new server (exit 0 or 100);
+#      of the new server (exit 0 or 100); with report_url set, it reports the result;
 #   4. only then remove the run_updater line from root's crontab and move
 #      box_updater.py aside. The log file stays.
 #
@@ -28,9 +29,9 @@ DEBIAN_FRONTEND=noninteractive
 export PATH DEBIAN_FRONTEND
 
 HERE=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd) || exit 1
-# BRIDGE_VERSION, SERVER_URL, DEBS (file names in debs/), UPDATER_DEB (the one of them
-# that is opq-box-updater), APT_SOURCE, APT_KEYRING (file names in apt/, or empty) and
-# APT_KEYRING_PATH (where the source's Signed-By expects the keyring).
+# BRIDGE_VERSION, SERVER_URL, REPORT_URL (or empty), DEBS (file names in debs/),
+# UPDATER_DEB (the one of them that is opq-box-updater), APT_SOURCE, APT_KEYRING (file
+# names in apt/, or empty) and APT_KEYRING_PATH (where Signed-By expects the keyring).
 # shellcheck source=/dev/null
 . "$HERE/bridge.conf"
 
@@ -215,6 +216,9 @@ if config_is_legacy; then
     fail "$CONFIG was not migrated"
 fi
 pin_trust_anchor || fail "pinning the trust anchor"
+if [ -n "$REPORT_URL" ]; then
+    set_config_key report_url "$REPORT_URL" || fail "setting report_url"
+fi
 opq-box-updater check
 status=$?
 case $status in

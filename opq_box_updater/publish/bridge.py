@@ -188,10 +188,11 @@ def collect_debs(debs: Sequence[Path], with_debs: Path | None) -> dict[str, Path
     return {updaters[0]: found.pop(updaters[0]), **found}
 
 
-def check_server_url(url: str) -> str:
-    """A rough check (the box's postinst applies the full rule): http(s), one line."""
+def check_url(url: str, option: str = "--server-url") -> str:
+    """A rough check (the box's postinst and config apply the full rule): http(s), one
+    line, nothing a shell or debconf line would take apart."""
     if not re.fullmatch(r"https?://[^\s'\"\\]+", url):
-        raise PublishError(f"--server-url {url!r}: an http:// or https:// URL without blanks")
+        raise PublishError(f"{option} {url!r}: an http:// or https:// URL without blanks")
     return url
 
 
@@ -209,12 +210,13 @@ def keyring_path(sources: Path) -> str:
     return str(found[0])
 
 
-def bridge_conf(version: int, server_url: str, debs: Sequence[str],
-                apt: AptSource | None) -> bytes:
+def bridge_conf(version: int, server_url: str, debs: Sequence[str], apt: AptSource | None,
+                report_url: str = "") -> bytes:
     """``bridge.conf``, the values ``update.sh`` reads (shell assignments, quoted)."""
     values = {
         "BRIDGE_VERSION": str(version),
         "SERVER_URL": server_url,
+        "REPORT_URL": report_url,
         "DEBS": " ".join(debs),
         "UPDATER_DEB": debs[0],
         "APT_SOURCE": apt.sources.name if apt else "",
@@ -232,7 +234,7 @@ def update_script() -> bytes:
 
 
 def build_tar(version: int, *, server_url: str, debs: dict[str, Path], trust_root: bytes,
-              apt: AptSource | None, mtime: int) -> bytes:
+              apt: AptSource | None, mtime: int, report_url: str = "") -> bytes:
     """The bridge package: a gzip tar the original updater unpacks into its download
     directory. Members are owned by root (tarfile as root applies the stored owner)."""
     buffer = io.BytesIO()
@@ -249,7 +251,8 @@ def build_tar(version: int, *, server_url: str, debs: dict[str, Path], trust_roo
                 tar.addfile(info, io.BytesIO(data))
 
         add("update.sh", update_script(), 0o755)
-        add("bridge.conf", bridge_conf(version, server_url, list(debs), apt), 0o644)
+        add("bridge.conf", bridge_conf(version, server_url, list(debs), apt, report_url),
+            0o644)
         add("trust-root.json", trust_root, 0o644)
         add("debs", None, 0o755)
         for name, path in debs.items():
@@ -267,11 +270,15 @@ def build_tar(version: int, *, server_url: str, debs: dict[str, Path], trust_roo
 def write_bridge(legacy_dir: Path, *, legacy_key: Path, debs: Sequence[Path], server_url: str,
                  trust_root: Path, with_debs: Path | None = None,
                  version_file: str = DEFAULT_VERSION_FILE, version: int | None = None,
-                 apt: AptSource | None = None, passphrase: bytes | None = None) -> BridgeRelease:
+                 apt: AptSource | None = None, report_url: str = "",
+                 passphrase: bytes | None = None) -> BridgeRelease:
     """Check every input, then write the bridge release into ``legacy_dir``: package,
-    public key and signature first, the version file last (atomically)."""
+    public key and signature first, the version file last (atomically). ``report_url``
+    becomes the migrated boxes' ``report_url`` (so they appear in ``fleet``)."""
     _plain(version_file, "--version-file")
-    check_server_url(server_url)
+    check_url(server_url)
+    if report_url:
+        check_url(report_url, "--report-url")
     key = load_legacy_key(legacy_key, passphrase)
     try:
         anchor = trust_root.read_bytes()
@@ -297,7 +304,7 @@ def write_bridge(legacy_dir: Path, *, legacy_key: Path, debs: Sequence[Path], se
         target = legacy_dir / version_file
         new = next_version(current_version(target), version)
         package = build_tar(new, server_url=server_url, debs=carried, trust_root=anchor,
-                            apt=apt, mtime=int(time.time()))
+                            apt=apt, mtime=int(time.time()), report_url=report_url)
         public_pem = key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         signature = legacy_sign(key, package)

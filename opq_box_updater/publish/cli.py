@@ -197,7 +197,7 @@ def cmd_bridge(args: argparse.Namespace) -> int:
         args.legacy_dir, legacy_key=args.legacy_key, debs=args.deb,
         server_url=args.server_url, trust_root=args.trust_root, with_debs=args.with_debs,
         version_file=args.version_file, version=args.legacy_version, apt=apt,
-        passphrase=passphrase)
+        report_url=args.report_url or "", passphrase=passphrase)
     _out(f"published bridge v{result.version} in {result.version_file}: "
          f"{result.package.name}, {result.public_key.name}, {result.signature.name}")
     _out(f"  carries {', '.join(result.debs)}; moves boxes to {args.server_url}")
@@ -449,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the legacy version file (the boxes' version_file)")
     p.add_argument("--legacy-version", type=_positive, metavar="V",
                    help="version of the bridge (default: the current one rounded down, +1)")
+    p.add_argument("--report-url", metavar="URL",
+                   help="report_url of the migrated boxes: they report from the migration "
+                        "on, so the fleet table shows which boxes moved")
     p.add_argument("--apt-source", type=Path, metavar="FILE.sources",
                    help="deb822 source of the operators' apt repository, with Signed-By")
     p.add_argument("--apt-keyring", type=Path, metavar="FILE",
