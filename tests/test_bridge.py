@@ -144,6 +144,7 @@ def test_the_package_unpacks_as_the_original_updater_runs_it(
                 if not line.startswith("#"))
     assert conf == {"BRIDGE_VERSION": "1", "SERVER_URL": URL, "REPORT_URL": "",
                     "DEBS": f"{inputs['updater'].name} {inputs['other'].name}",
+                    "PACKAGES": "opq-box-updater python3-example",
                     "UPDATER_DEB": inputs["updater"].name, "APT_SOURCE": "",
                     "APT_KEYRING": "", "APT_KEYRING_PATH": ""}
     assert (download / "trust-root.json").read_bytes() == inputs["anchor"].read_bytes()

@@ -33,6 +33,7 @@ import pytest
 from debs import make_deb
 from nginxfix import Nginx, require_nginx
 from test_debian_install import (
+    LIBRARY,
     PAYLOAD,
     PUBLISH,
     RAN_MARKER,
@@ -78,16 +79,18 @@ class World:
     legacy_url: str
     new_url: str
     anchor: Path
-    updater_deb: Path
+    box_debs: list[Path]
     repo: Path
     report_url: str
 
     def bridge(self, *, url: str | None = None, deb: Path | None = None) -> int:
-        """Publish a bridge into the legacy repository; returns its version."""
+        """Publish a bridge into the legacy repository (the box's debs, or ``deb`` alone);
+        returns its version."""
+        debs = [arg for path in ([deb] if deb else self.box_debs)
+                for arg in ("--deb", str(path))]
         _run([str(PUBLISH), "bridge", str(self.legacy_dir), "--legacy-key",
-              str(self.legacy_key), "--deb", str(deb or self.updater_deb),
-              "--server-url", url or self.new_url, "--trust-root", str(self.anchor),
-              "--report-url", self.report_url])
+              str(self.legacy_key), *debs, "--server-url", url or self.new_url,
+              "--trust-root", str(self.anchor), "--report-url", self.report_url])
         return int(json.loads((self.legacy_dir / "version.json").read_text())["version"])
 
     def legacy_cron_run(self) -> str:
@@ -111,8 +114,8 @@ class World:
             "crontab": self.root.sh("crontab -u root -l").stdout,
             "bin": self.root.file(LEGACY_BIN).read_bytes(),
             "config": self.root.file(CONFIG).read_bytes(),
-            "updater": self.root.sh("dpkg-query -W -f '${db:Status-Status}' opq-box-updater",
-                                    check=False).stdout,
+            "updater": self.root.sh(f"dpkg-query -W -f '${{db:Status-Status}} ' "
+                                    f"opq-box-updater {LIBRARY}", check=False).stdout,
         }
 
 
@@ -180,7 +183,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             _legacy_box(root, legacy.url)
             yield World(root=root, tmp=tmp, legacy_dir=legacy_dir, legacy_key=key,
                         legacy_url=legacy.url, new_url=new.url,
-                        anchor=repo / "root/1.root.json", updater_deb=debs["opq-box-updater"],
+                        anchor=repo / "root/1.root.json",
+                        box_debs=[debs["opq-box-updater"], debs[LIBRARY]],
                         repo=repo, report_url=report_url)
         finally:
             for point in sorted(_mounts_under(path), reverse=True):
@@ -220,10 +224,10 @@ def check_failed_install_keeps_the_legacy_updater(world: World) -> None:
     world.bridge(url=world.new_url + "nothing-here/")
     log = world.legacy_cron_run()
     assert "FAILED: opq-box-updater check exited 4" in log, log
-    assert "removing opq-box-updater again" in log, log
+    assert f"removing again what this run installed: opq-box-updater {LIBRARY}" in log, log
     state = world.legacy_state()
-    assert state["updater"] == "config-files", state["updater"]
-    assert state == {**legacy, "updater": "config-files"}
+    assert state["updater"] == "config-files not-installed ", state["updater"]
+    assert state == {**legacy, "updater": "config-files not-installed "}
     assert not world.root.file(f"{DOWNLOAD}/local_version.json").exists()
     # The failed migration reported itself: the operators see it in the fleet table.
     [(_box, installed, result, *_)] = world.fleet()

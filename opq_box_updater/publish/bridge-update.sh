@@ -17,8 +17,8 @@
 #   4. only then remove the run_updater line from root's crontab and move
 #      box_updater.py aside. The log file stays.
 #
-# When 1-3 fail, the box is put back (config restored, the package removed when this
-# run installed it): the original updater stays in charge. local_version.json is
+# When 1-3 fail, the box is put back (config restored, the carried packages this run
+# installed removed again): the original updater stays in charge. local_version.json is
 # removed on entry, so the original updater runs this again on its next run after a
 # failure or a power cut. Every step checks before it acts: running it again, at any
 # point, is harmless. Output goes to the original updater's log.
@@ -30,13 +30,13 @@ export PATH DEBIAN_FRONTEND
 
 HERE=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd) || exit 1
 # BRIDGE_VERSION, SERVER_URL, REPORT_URL (or empty), DEBS (file names in debs/),
-# UPDATER_DEB (the one of them that is opq-box-updater), APT_SOURCE, APT_KEYRING (file
-# names in apt/, or empty) and APT_KEYRING_PATH (where Signed-By expects the keyring).
+# PACKAGES (their package names), UPDATER_DEB (the deb of opq-box-updater), APT_SOURCE,
+# APT_KEYRING (file names in apt/, or empty), APT_KEYRING_PATH (Signed-By's keyring path).
 # shellcheck source=/dev/null
 . "$HERE/bridge.conf"
 
 CONFIG=/etc/opq/updater_config.json
-PACKAGE=opq-box-updater
+UPDATER=opq-box-updater
 LEGACY_BIN=/usr/local/bin/box_updater.py
 RETIRED_BIN=/usr/local/bin/box_updater.py.retired
 SHIPPED_ANCHOR=/usr/share/opq-box-updater/root.json
@@ -51,13 +51,16 @@ apt_get() {
     apt-get -q -y -o DPkg::Lock::Timeout=600 "$@"
 }
 
-# dpkg's status of the package: installed, half-configured, unpacked, config-files, ...
-package_status() {
-    dpkg-query -W -f '${db:Status-Status}' "$PACKAGE" 2>/dev/null
+# Whether package $1 is on the box (installed, or half-way: unpacked, half-configured...).
+present() {
+    case "$(dpkg-query -W -f '${db:Status-Status}' "$1" 2>/dev/null)" in
+        "" | not-installed | config-files) return 1 ;;
+        *) return 0 ;;
+    esac
 }
 
 installed_version() {
-    dpkg-query -W -f '${db:Status-Abbrev} ${Version}' "$PACKAGE" 2>/dev/null |
+    dpkg-query -W -f '${db:Status-Abbrev} ${Version}' "$UPDATER" 2>/dev/null |
         sed -n 's/^ii  *//p'
 }
 
@@ -111,13 +114,18 @@ restore_config() {
 
 fail() {
     log "FAILED: $*"
-    case "$installed_before:$(package_status)" in
-        yes:* | no: | no:not-installed | no:config-files) ;;
-        *)
-            log "removing $PACKAGE again: this run installed it"
-            dpkg --remove "$PACKAGE" || log "could not remove $PACKAGE"
-            ;;
-    esac
+    added=""
+    for name in $PACKAGES; do
+        case " $present_before " in
+            *" $name "*) ;;
+            *) if present "$name"; then added="$added $name"; fi ;;
+        esac
+    done
+    if [ -n "$added" ]; then
+        log "removing again what this run installed:$added"
+        # shellcheck disable=SC2086 # package names, one word each
+        dpkg --remove $added || log "could not remove$added"
+    fi
     restore_config
     log "the original updater stays in charge and runs this bridge again on its next run"
     exit 1
@@ -131,11 +139,11 @@ install_updater() {
         install -m 0644 "$HERE/apt/$APT_SOURCE" "/etc/apt/sources.list.d/$APT_SOURCE"
         if apt_get -o Dir::Etc::sourcelist="sources.list.d/$APT_SOURCE" \
                 -o Dir::Etc::sourceparts=- -o APT::Get::List-Cleanup=0 update &&
-            apt_get --no-install-recommends install "$PACKAGE"; then
-            log "installed $PACKAGE $(installed_version) from the apt repository"
+            apt_get --no-install-recommends install "$UPDATER"; then
+            log "installed $UPDATER $(installed_version) from the apt repository"
             return 0
         fi
-        log "the apt repository did not give $PACKAGE; installing the carried debs"
+        log "the apt repository did not give $UPDATER; installing the carried debs"
     fi
     set --
     for deb in $DEBS; do
@@ -144,11 +152,11 @@ install_updater() {
     carried=$(dpkg-deb -f "$HERE/debs/$UPDATER_DEB" Version) || return 1
     current=$(installed_version)
     if [ -n "$current" ] && dpkg --compare-versions "$current" ge "$carried"; then
-        log "$PACKAGE $current installed; the carried $carried is not newer"
+        log "$UPDATER $current installed; the carried $carried is not newer"
         return 0
     fi
     apt_get --no-install-recommends install "$@" || return 1
-    log "installed $PACKAGE $(installed_version) from the carried debs"
+    log "installed $UPDATER $(installed_version) from the carried debs"
 }
 
 # Trust anchor: the package's own when it is the one carried here, else pinned in /etc.
@@ -191,11 +199,11 @@ if ! flock -n 9; then
 fi
 # A failure or a power cut from here on: the original updater runs this again.
 rm -f "$HERE/local_version.json"
-case "$(package_status)" in
-    "" | not-installed | config-files) installed_before=no ;;
-    *) installed_before=yes ;;
-esac
-log "moving this box to $PACKAGE, server $SERVER_URL"
+present_before=""
+for name in $PACKAGES; do
+    if present "$name"; then present_before="$present_before $name"; fi
+done
+log "moving this box to $UPDATER, server $SERVER_URL"
 
 if [ -f "$CONFIG" ]; then
     cp -p "$CONFIG" "$SAVED_CONFIG" || fail "cannot copy $CONFIG"
@@ -206,11 +214,11 @@ if dpkg --audit 2>/dev/null | grep -q .; then
     log "dpkg was interrupted before: dpkg --configure -a"
     dpkg --configure -a || fail "dpkg --configure -a"
 fi
-echo "$PACKAGE $PACKAGE/server_url string $SERVER_URL" | debconf-set-selections ||
+echo "$UPDATER $UPDATER/server_url string $SERVER_URL" | debconf-set-selections ||
     fail "cannot preseed the server URL"
-install_updater || fail "installing $PACKAGE"
+install_updater || fail "installing $UPDATER"
 if config_is_legacy; then
-    dpkg-reconfigure -f noninteractive "$PACKAGE" || fail "dpkg-reconfigure $PACKAGE"
+    dpkg-reconfigure -f noninteractive "$UPDATER" || fail "dpkg-reconfigure $UPDATER"
 fi
 if config_is_legacy; then
     fail "$CONFIG was not migrated"
@@ -229,5 +237,5 @@ retire_legacy || {
     log "FAILED to retire the original updater; both run until the next attempt"
     exit 1
 }
-log "done: $PACKAGE $(installed_version) runs from /etc/cron.d; the original updater is retired"
+log "done: $UPDATER $(installed_version) runs from /etc/cron.d; the original updater is retired"
 exit 0

@@ -161,27 +161,29 @@ def _plain(name: str, what: str) -> str:
     return name
 
 
-def collect_debs(debs: Sequence[Path], with_debs: Path | None) -> dict[str, Path]:
-    """The debs the bridge carries by file name, checked like a box checks them; exactly one
-    of them is opq-box-updater (the ``--deb`` files), the rest its dependencies."""
+def collect_debs(debs: Sequence[Path], with_debs: Path | None) -> dict[str, tuple[Path, str]]:
+    """The debs the bridge carries by file name, with their package names, checked like a
+    box checks them; exactly one is opq-box-updater (listed first), the rest its module
+    and dependencies."""
     files = list(debs)
     if with_debs is not None:
         if not with_debs.is_dir():
             raise PublishError(f"--with-debs {with_debs}: not a directory")
         files += sorted(p for p in with_debs.iterdir() if p.name.endswith(".deb"))
-    found: dict[str, Path] = {}
+    found: dict[str, tuple[Path, str]] = {}
     updaters = []
     for path in files:
         if not path.is_file():
             raise PublishError(f"{path}: no such .deb file")
         name = _plain(path.name, "deb file name")
         if name in found:
-            if found[name].resolve() == path.resolve():
+            if found[name][0].resolve() == path.resolve():
                 continue
             raise PublishError(f"two different debs are named {name}")
-        if read_deb(path, name).package == UPDATER_PACKAGE:
+        package = read_deb(path, name).package
+        if package == UPDATER_PACKAGE:
             updaters.append(name)
-        found[name] = path
+        found[name] = (path, package)
     if len(updaters) != 1:
         raise PublishError(f"the bridge needs exactly one {UPDATER_PACKAGE} .deb, got "
                            f"{len(updaters)} ({', '.join(updaters) or 'none'})")
@@ -210,15 +212,16 @@ def keyring_path(sources: Path) -> str:
     return str(found[0])
 
 
-def bridge_conf(version: int, server_url: str, debs: Sequence[str], apt: AptSource | None,
-                report_url: str = "") -> bytes:
+def bridge_conf(version: int, server_url: str, debs: dict[str, tuple[Path, str]],
+                apt: AptSource | None, report_url: str = "") -> bytes:
     """``bridge.conf``, the values ``update.sh`` reads (shell assignments, quoted)."""
     values = {
         "BRIDGE_VERSION": str(version),
         "SERVER_URL": server_url,
         "REPORT_URL": report_url,
         "DEBS": " ".join(debs),
-        "UPDATER_DEB": debs[0],
+        "PACKAGES": " ".join(package for _, package in debs.values()),
+        "UPDATER_DEB": next(iter(debs)),
         "APT_SOURCE": apt.sources.name if apt else "",
         "APT_KEYRING": apt.keyring.name if apt else "",
         "APT_KEYRING_PATH": keyring_path(apt.sources) if apt else "",
@@ -233,7 +236,8 @@ def update_script() -> bytes:
     return resources.files(__package__).joinpath("bridge-update.sh").read_bytes()
 
 
-def build_tar(version: int, *, server_url: str, debs: dict[str, Path], trust_root: bytes,
+def build_tar(version: int, *, server_url: str, debs: dict[str, tuple[Path, str]],
+              trust_root: bytes,
               apt: AptSource | None, mtime: int, report_url: str = "") -> bytes:
     """The bridge package: a gzip tar the original updater unpacks into its download
     directory. Members are owned by root (tarfile as root applies the stored owner)."""
@@ -251,11 +255,10 @@ def build_tar(version: int, *, server_url: str, debs: dict[str, Path], trust_roo
                 tar.addfile(info, io.BytesIO(data))
 
         add("update.sh", update_script(), 0o755)
-        add("bridge.conf", bridge_conf(version, server_url, list(debs), apt, report_url),
-            0o644)
+        add("bridge.conf", bridge_conf(version, server_url, debs, apt, report_url), 0o644)
         add("trust-root.json", trust_root, 0o644)
         add("debs", None, 0o755)
-        for name, path in debs.items():
+        for name, (path, _) in debs.items():
             add(f"debs/{name}", path.read_bytes(), 0o644)
         if apt is not None:
             add("apt", None, 0o755)
