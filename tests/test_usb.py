@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Box
+from conftest import PY, Box
 from debs import require_tool
 from faultserver import FaultServer
 from reposim import RepoSim
 from test_apply_e2e import APPLY_FAILED, DPKG_TOOLS, OK, UPDATE_AVAILABLE, World
 
+from opq_box_updater.faults import FAULT_ENV
 from opq_box_updater.publish.export import export_repo
 
 REFUSED, NETWORK = 3, 4
@@ -272,3 +274,32 @@ def test_box_reads_the_stick_it_is_given_not_the_server(usb: Usb, tmp_path: Path
     assert u.box.status()["installed_version"] == 1
     box: Box = u.box
     assert box.run("check").returncode == UPDATE_AVAILABLE  # over the network: release 2
+
+
+# --- power cuts ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cut,converged,next_run", [
+    ("after-dpkg", {"alpha": "2.0"}, ("run",)),  # cron, server unreachable: recovers, then 4
+    ("apply", {"alpha": "1.0"}, ("run", "--from")),  # by hand, the stick gone: rolled back, 5
+], ids=["after-dpkg", "apply"])
+def test_a_power_cut_during_a_stick_update_converges_without_the_stick(
+        usb: Usb, cut: str, converged: dict[str, str], next_run: tuple[str, ...]) -> None:
+    """The box recovers from its own copy of the package before it looks for any source:
+    the next run converges to the old or the new release whether the stick is there or not."""
+    u = usb
+    u.publish(1, [u.deb("alpha", "1.0")])
+    u.export()
+    u.offline("run", expect=OK)
+    u.publish(2, [u.deb("alpha", "2.0")])
+    u.export()
+    proc = subprocess.run([PY, "-m", "opq_box_updater.cli", "--config", str(u.box.config_path),
+                           "run", "--from", str(u.stick)], capture_output=True, text=True,
+                          env={**os.environ, FAULT_ENV: cut}, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    shutil.rmtree(u.stick)  # the stick is gone; the server has nothing either
+    args = (*next_run, str(u.stick)) if next_run[-1] == "--from" else next_run
+    proc = u.run(*args, expect=NETWORK if cut == "after-dpkg" else APPLY_FAILED)
+    status = u.assert_clean(converged)
+    assert status["installed_version"] == (2 if cut == "after-dpkg" else 1)
+    assert status["failed_versions"] == []  # an interruption says nothing about the release
