@@ -4,7 +4,9 @@ system without links or modes (vfat), and what it refuses. In process, no box.""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,20 @@ from opq_box_updater.errors import RepositoryError
 from opq_box_updater.publish import cli, export
 from opq_box_updater.publish.common import PublishError
 from opq_box_updater.publish.verify import verify_repo
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """The publisher's CLI renames log levels and replaces the package logger's handlers;
+    undo that, so tests of the box's CLI in the same process see logging as they expect."""
+    names = dict(logging._levelToName)
+    log = logging.getLogger("opq_box_updater")
+    handlers, level, propagate = list(log.handlers), log.level, log.propagate
+    yield
+    for number, name in names.items():
+        logging.addLevelName(number, name)
+    log.handlers[:], log.propagate = handlers, propagate
+    log.setLevel(level)
 
 
 @pytest.fixture
