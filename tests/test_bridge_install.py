@@ -6,13 +6,16 @@ a stand-in for the original updater (tests/legacy_box_updater.py) as
 ``/usr/local/bin/box_updater.py``, its config, its ``local_version.json`` (version 1.3), its
 log, and the ``run_updater`` line in root's crontab (written with ``crontab``, beside a
 line of the site's own). Two nginx on 127.0.0.1 serve the legacy repository (every file)
-and the new repository (the shipped site). The scenario, each step on the one root:
+and the new repository with the operators' signed apt repository under ``/apt/`` (the
+shipped site; ``scripts/apt-repo``); ``opq-box-publish serve`` collects the boxes'
+reports. The scenario, each step on the one root:
 
 1. a bridge whose package was tampered with is refused by the original updater;
 2. a bridge whose install fails keeps the original updater in charge: the box is as before
    (cron line, box_updater.py, config, no opq-box-updater), and it retries next run; the
    same for a bridge whose new server does not answer (installed, then removed again);
-3. one cron run of the original updater with a good bridge migrates the box;
+3. one cron run of the original updater with a good bridge migrates the box, installing
+   from the apt repository whose source and keyring the bridge carries;
 4. the next ``opq-box-updater run`` installs a release from the new repository;
 5. running the bridge's update.sh again changes nothing.
 """
@@ -32,15 +35,18 @@ from pathlib import Path
 import pytest
 from debs import make_deb
 from nginxfix import Nginx, require_nginx
+from test_apt_provisioning import KEYRING, SOURCES, apt_repo, make_signer
 from test_debian_install import (
     LIBRARY,
     PAYLOAD,
     PUBLISH,
     RAN_MARKER,
+    SYSTEM_PATH,
     Root,
     _mounts_under,
     _require_prerequisites,
     _run,
+    _unavailable,
     build_debs,
     changelog_version,
     publish_release,
@@ -82,12 +88,18 @@ class World:
     box_debs: list[Path]
     repo: Path
     report_url: str
+    apt_source: Path
+    apt_keyring: Path
 
-    def bridge(self, *, url: str | None = None, deb: Path | None = None) -> int:
-        """Publish a bridge into the legacy repository (the box's debs, or ``deb`` alone);
-        returns its version."""
+    def bridge(self, *, url: str | None = None, deb: Path | None = None,
+               apt: bool = False) -> int:
+        """Publish a bridge into the legacy repository (the box's debs, or ``deb`` alone;
+        with the apt repository's source when ``apt``); returns its version."""
         debs = [arg for path in ([deb] if deb else self.box_debs)
                 for arg in ("--deb", str(path))]
+        if apt:
+            debs += ["--apt-source", str(self.apt_source), "--apt-keyring",
+                     str(self.apt_keyring)]
         _run([str(PUBLISH), "bridge", str(self.legacy_dir), "--legacy-key",
               str(self.legacy_key), *debs, "--server-url", url or self.new_url,
               "--trust-root", str(self.anchor), "--report-url", self.report_url])
@@ -164,6 +176,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     legacy_dir = tmp / "legacy"
     legacy_dir.mkdir()
     (legacy_dir / "version.json").write_text('{"version": 1.3, "package": "update.tar.gz"}')
+    # The operators' signed apt repository (part 1), served by the new repository's nginx.
+    for tool in ("gpg", "gpgv", "apt-ftparchive"):
+        if shutil.which(tool, path=SYSTEM_PATH) is None:
+            _unavailable(f"{tool} is missing (make apt-repo installs apt-utils gpg gpg-agent)")
+    signer = make_signer("OPQ Box archive")
+    apt_dir = tmp / "apt"
+    apt_repo(apt_dir, signer, [debs["opq-box-updater"], debs[LIBRARY]])
+    keyring = tmp / KEYRING.rsplit("/", 1)[1]
+    signer.export(keyring)
     key = tmp / "legacy.pem"
     _run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
           "-out", str(key)])
@@ -174,19 +195,25 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     policy = path / "usr/sbin/policy-rc.d"
     policy.write_text("#!/bin/sh\nexit 101\n")
     policy.chmod(0o755)
-    with Nginx(repo, tmp / "nginx-new") as new, \
+    with Nginx(repo, tmp / "nginx-new", apt_dir=apt_dir) as new, \
             Nginx(legacy_dir, tmp / "nginx-legacy", site_filter=legacy_site(legacy_dir)) \
             as legacy, \
             report_collector(repo) as report_url:
         root = Root(path)
+        sources = tmp / SOURCES.rsplit("/", 1)[1]
+        sources.write_text(f"Types: deb\nURIs: {new.url}apt/\nSuites: bookworm\n"
+                           f"Components: main\nSigned-By: {KEYRING}\n")
         try:
             _legacy_box(root, legacy.url)
             yield World(root=root, tmp=tmp, legacy_dir=legacy_dir, legacy_key=key,
                         legacy_url=legacy.url, new_url=new.url,
                         anchor=repo / "root/1.root.json",
                         box_debs=[debs["opq-box-updater"], debs[LIBRARY]],
-                        repo=repo, report_url=report_url)
+                        repo=repo, report_url=report_url, apt_source=sources,
+                        apt_keyring=keyring)
         finally:
+            subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=signer.env(), check=False)
+            shutil.rmtree(signer.home, ignore_errors=True)
             for point in sorted(_mounts_under(path), reverse=True):
                 subprocess.run(["umount", "--lazy", point], check=False)
             if not _mounts_under(path):  # never delete through a mount into the host
@@ -236,9 +263,12 @@ def check_failed_install_keeps_the_legacy_updater(world: World) -> None:
 
 def check_one_legacy_run_migrates_the_box(world: World) -> bytes:
     original_config = world.root.file(CONFIG).read_bytes()
-    world.bridge()
+    world.bridge(apt=True)
     log = world.legacy_cron_run()
     assert "done: opq-box-updater" in log, log
+    assert f"installed opq-box-updater {changelog_version()} from the apt repository" in log
+    assert world.root.file(KEYRING).read_bytes() == world.apt_keyring.read_bytes()
+    assert world.root.file(SOURCES).read_bytes() == world.apt_source.read_bytes()
     status = world.root.sh("dpkg-query -W -f '${Version} ${db:Status-Status}' opq-box-updater")
     assert status.stdout == f"{changelog_version()} installed"
     config = json.loads(world.root.file(CONFIG).read_text())
@@ -279,7 +309,7 @@ def check_the_bridge_again_changes_nothing(world: World, config: bytes) -> None:
     before = state()
     again = world.root.sh(f"{DOWNLOAD}/update.sh", check=False)
     assert again.returncode == 0, again
-    assert "not newer" in again.stdout and "done:" in again.stdout, again.stdout
+    assert "done:" in again.stdout and "FAILED" not in again.stdout, again.stdout
     assert state() == before
     assert world.root.file(CONFIG).read_bytes() == config
 
