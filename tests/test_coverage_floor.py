@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "coverage-floor"
-MODULES = ("metadata", "package", "fetcher", "state", "trust", "installer", "guard", "updater")
+MODULES = ("metadata", "package", "fetcher", "state", "trust", "installer", "guard", "updater",
+           "localsource", "publish/export")
 
 
 def run(tmp_path: Path, percents: dict[str, float]) -> subprocess.CompletedProcess[str]:

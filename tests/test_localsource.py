@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -256,3 +257,64 @@ def test_a_read_error_of_a_failing_stick_is_exit_4(stick: Path, dest: Path,
             source.fetch_package(PKG, dest, SHA, len(PACKAGE))
     refused(exc, 4, "Input/output error", "export to another one")
     assert list(dest.iterdir()) == []
+
+
+def test_a_verified_copy_in_the_download_directory_is_used_without_the_stick(
+        stick: Path, dest: Path) -> None:
+    """A second run (after a postponed apply, say) does not copy again, nor need the stick."""
+    with LocalSource(stick, progress=False) as source:
+        first = source.fetch_package(PKG, dest, SHA, len(PACKAGE))
+        (stick / PKG).unlink()
+        assert source.fetch_package(PKG, dest, SHA, len(PACKAGE)) == first
+    assert first.read_bytes() == PACKAGE
+
+
+def _swap_after_check(monkeypatch: pytest.MonkeyPatch, stick: Path, swap: str) -> None:
+    """Replace version.json right after its lstat: the race a hostile stick could try."""
+    real_stat = os.stat
+
+    def stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        result = real_stat(path, *args, **kwargs)
+        if path == "version.json" and kwargs.get("dir_fd") is not None:
+            target, other = stick / "version.json", stick / "other"
+            if swap == "symlink":
+                other.symlink_to("/etc/passwd")
+            else:
+                other.write_bytes(VERSION)  # made while the old one lives: another inode
+            os.replace(other, target)
+        return result
+
+    monkeypatch.setattr(os, "stat", stat)
+
+
+@pytest.mark.parametrize("swap,words", [
+    ("symlink", ("cannot open", "replaced")),
+    ("another-file", ("changed while it was being opened",))])
+def test_a_file_swapped_between_its_check_and_its_open_is_not_read(
+        stick: Path, monkeypatch: pytest.MonkeyPatch, swap: str, words: tuple[str, ...]
+        ) -> None:
+    with LocalSource(stick) as source:
+        _swap_after_check(monkeypatch, stick, swap)
+        with pytest.raises(DownloadError) as exc:
+            source.fetch_metadata("version.json")
+    refused(exc, 4, *words)
+
+
+def test_the_copy_shows_progress_on_a_terminal(stick: Path, dest: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    with LocalSource(stick, progress=True) as source:
+        source.fetch_package(PKG, dest, SHA, len(PACKAGE))
+    assert "100%" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("relpath", ["../version.json", "root//1.root.json", "./version.json"])
+def test_only_plain_relative_paths_are_asked_for(stick: Path, relpath: str) -> None:
+    """The updater asks only for paths it built or the signature checked; anything else is
+    a bug, never a file outside DIR."""
+    with LocalSource(stick) as source, pytest.raises(ValueError):
+        source.fetch_metadata(relpath)
+    source.close()  # twice is fine
+    with pytest.raises(ValueError, match="closed"):
+        source.fetch_metadata("version.json")
+    with pytest.raises(ValueError, match="SHA-256"):
+        source.fetch_package(PKG, stick, "ABC", 1)
