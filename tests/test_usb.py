@@ -100,6 +100,10 @@ def test_a_genuine_stick_updates_a_box_with_hooks_and_rolls_back_like_the_networ
     with mounted_like_a_stick(u.stick, u.tmp / "mnt") as mnt:
         proc = u.offline("check", expect=UPDATE_AVAILABLE, stick=mnt)
         assert "release 1 is available" in proc.stdout
+        before = u.box.digest()
+        proc = u.offline("run", "--dry-run", expect=OK, stick=mnt)
+        assert "would download packages/" in proc.stdout and "alpha_1.0_all.deb" in proc.stdout
+        assert u.box.digest() == before and u.lines() == []
         u.offline("run", expect=OK, stick=mnt)
     u.assert_clean({"alpha": "1.0"})
     lines = u.lines()
