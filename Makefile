@@ -68,6 +68,14 @@ bench: venv
 	@scripts/need-apt $(TEST_DEBS)
 	$(VPY) -m bench $(BENCH_ARGS)
 
+# Report load on the collector (issue 10): 10 000 boxes with their own keys send signed
+# reports through nginx to gunicorn, stored in SQLite and in PostgreSQL (bench/reports.py,
+# docs/performance.md). BENCH_REPORTS_ARGS="--boxes 500 --backend sqlite".
+.PHONY: bench-reports
+bench-reports: venv
+	@scripts/need-apt $(TEST_DEBS)
+	$(VPY) -m bench.reports $(BENCH_REPORTS_ARGS)
+
 # Coverage-guided fuzzing (atheris) of the parsers that read hostile bytes: JSON, roots,
 # releases, manifests, zips, .debs (fuzz/run.py). FUZZ_TIME seconds per target;
 # FUZZ_ARGS="--runs 1000000 zip" picks inputs and targets. Scratch in $TMPDIR/opq-fuzz.

@@ -6,13 +6,15 @@ included, its socket path the only substitution.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -21,6 +23,17 @@ SNIPPET = PROJECT / "docs" / "nginx" / "opq-box-collector.conf"
 SHIPPED_SOCKET = "/run/opq-box-collector/gunicorn.sock"
 INCLUDE = "#include /etc/nginx/snippets/opq-box-collector.conf;"
 APP = "opq_box_updater.publish.collector:application"
+
+
+@contextlib.contextmanager
+def socket_dir() -> Iterator[Path]:
+    """A short directory in /tmp for a Unix socket (a socket path has at most 107 bytes;
+    pytest's and the benchmark's scratch paths can be longer), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="opq-g-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def find_gunicorn() -> str | None:

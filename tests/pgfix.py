@@ -28,9 +28,10 @@ def pg_bindir() -> Path | None:
 class Postgres:
     """A running cluster; :attr:`dsn` connects to its database ``opq`` over the socket."""
 
-    def __init__(self, bindir: Path, base: Path) -> None:
+    def __init__(self, bindir: Path, base: Path, *, durable: bool = False) -> None:
         self.bindir = bindir
         self.base = base
+        self.durable = durable
         self.data = base / "data"
         self.user = "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
 
@@ -47,10 +48,11 @@ class Postgres:
             shutil.chown(self.base, "postgres", "postgres")
         self.base.chmod(0o700)
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.user,
-                  "--auth=trust", "-E", "UTF8", "--no-sync")
+                  "--auth=trust", "-E", "UTF8", *([] if self.durable else ["--no-sync"]))
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w", "-l",
                   str(self.base / "log"), "-o",
-                  f"-k {self.base} -c listen_addresses='' -c fsync=off -c max_connections=200",
+                  f"-k {self.base} -c listen_addresses='' -c max_connections=200"
+                  + ("" if self.durable else " -c fsync=off"),
                   "start")
         self._run(str(self.bindir / "createdb"), "-h", str(self.base), "-U", self.user, "opq")
 
@@ -66,13 +68,14 @@ class Postgres:
 
 
 @contextlib.contextmanager
-def postgres() -> Iterator[Postgres]:
-    """A started cluster, stopped and deleted on exit."""
+def postgres(*, durable: bool = False, parent: Path | None = None) -> Iterator[Postgres]:
+    """A started cluster, stopped and deleted on exit. Tests run it with ``fsync=off``
+    (nothing to keep); ``durable`` keeps PostgreSQL's defaults (the benchmark)."""
     bindir = pg_bindir()
     if bindir is None:
         raise FileNotFoundError("PostgreSQL is not installed (apt-get install postgresql)")
-    base = Path(tempfile.mkdtemp(prefix="opq-pg-"))
-    server = Postgres(bindir, base)
+    base = Path(tempfile.mkdtemp(prefix="opq-pg-", dir=parent))
+    server = Postgres(bindir, base, durable=durable)
     try:
         server.start()
         yield server

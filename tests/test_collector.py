@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from collectorfix import Gunicorn, collector_site, find_gunicorn
+from collectorfix import Gunicorn, collector_site, find_gunicorn, socket_dir
 from conftest import Box, require_tool
 from nginxfix import Nginx, require_nginx
 from reposim import RepoSim
@@ -72,8 +72,9 @@ def stack(request: pytest.FixtureRequest,
         db_url = pg.dsn
     sim = RepoSim(base / "repo")
     sim.release(1)
-    sock = base / "gunicorn.sock"
-    with Gunicorn(sock, db_url, base / "gunicorn.log") as gunicorn, \
+    with socket_dir() as sockets, \
+            Gunicorn(sock := sockets / "gunicorn.sock", db_url,
+                     base / "gunicorn.log") as gunicorn, \
             Nginx(sim.path, base / "nginx",
                   site_filter=collector_site(sock, base / "collector.conf")) as nginx:
         store = open_store(db_url)

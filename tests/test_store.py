@@ -5,6 +5,7 @@ and concurrent writers (gunicorn's workers) deciding one counter once."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -212,4 +213,20 @@ def test_old_json_reports_are_imported_once(tmp_path: Path) -> None:
     opened.close()
     again = open_repo_store(tmp_path / "repo")
     assert len(again.history("box-7")) == 1
+    again.close()
+
+
+def test_root_keeps_the_collectors_database_its_own(tmp_path: Path) -> None:
+    """``boxes`` run by root on the collector's SQLite file: the WAL files it makes belong
+    to the database's owner (SQLite does this for root), or the collector's account could
+    no longer write its own database."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (CI runs as root)")
+    db = tmp_path / "reports.db"
+    open_store(f"sqlite:///{db}").close()  # the collector made it; its WAL files are gone
+    os.chown(db, 4242, 4243)
+    again = open_store(f"sqlite:///{db}")
+    sides = [tmp_path / "reports.db-wal", tmp_path / "reports.db-shm"]
+    assert [(p.stat().st_uid, p.stat().st_gid) for p in sides] == [(4242, 4243)] * 2
+    assert db.stat().st_mode & 0o777 == 0o600
     again.close()

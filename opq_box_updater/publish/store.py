@@ -229,10 +229,11 @@ def _sqlite_connect(path: Path) -> Callable[[], Any]:
             conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at each checkpoint
+            # A 204 means on disk: the report, and the counter that refuses its replay.
+            conn.execute("PRAGMA synchronous=FULL")
+            path.chmod(0o600)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the report database {path}: {exc}") from None
-        path.chmod(0o600)
         return conn
     return connect
 
