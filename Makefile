@@ -12,8 +12,10 @@ BASE_DEBS := python3 python3-venv python3-requests python3-cryptography python3-
 TMPFILES_DEB := $(if $(shell command -v systemd-tmpfiles 2>/dev/null),,systemd-standalone-tmpfiles)
 # The report collector (issue 10): gunicorn behind nginx, its store on SQLite and on a real
 # PostgreSQL (tests/pgfix.py runs a throw-away cluster).
+# chromium, chromium-driver and python3-selenium: the fleet page's browser test.
 TEST_DEBS := $(BASE_DEBS) nginx-light curl fakeroot logrotate util-linux mount faketime \
-	$(TMPFILES_DEB) gunicorn postgresql python3-psycopg2 shellcheck
+	$(TMPFILES_DEB) gunicorn postgresql python3-psycopg2 shellcheck chromium chromium-driver \
+	python3-selenium
 DEB_BUILD_DEBS := debhelper dh-python python3-all po-debconf lintian
 # The signed apt repository (scripts/apt-repo): apt-ftparchive, and gpg with its agent.
 APT_REPO_DEBS := apt-utils gpg gpg-agent

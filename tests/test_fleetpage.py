@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any
 
-from opq_box_updater.publish import fleetpage, rollout
-from opq_box_updater.publish.store import ReportRecord
+from opq_box_updater.publish import build, fleetpage, fleetweb, repo, rollout
+from opq_box_updater.publish.store import ReportRecord, default_store_url, open_store
 
 NOW = datetime(2031, 3, 1, 12, 0, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -166,3 +167,39 @@ def test_long_box_text_is_cut() -> None:
     row = boxes_of(parse(page))["x" * fleetpage.MAX_TEXT + "…"]
     assert row[3] == "y" * fleetpage.MAX_TEXT + "…" and row[5] == "z" * fleetpage.MAX_TEXT + "…"
     assert f'href="/box/{long_id}"'.encode() in page  # the link still names the whole id
+
+
+# --- the routes over a real store and repository --------------------------------------------
+
+
+def test_routes_read_the_store_and_the_repository(tmp_path: Path) -> None:
+    repo_dir, keydir = tmp_path / "repo", tmp_path / "keys"
+    repo.init_repo(repo_dir, keydir, now=NOW - 10 * DAY)
+    script = tmp_path / "update.sh"
+    script.write_text("#!/bin/sh\ntrue\n")
+    for version, pct in ((1, 100), (2, 10)):
+        build.build_package(tmp_path / f"p{version}.zip", version=version, run=script)
+        repo.publish_release(repo_dir, keydir, tmp_path / f"p{version}.zip", rollout=pct,
+                             now=NOW - (3 - version) * DAY)
+    store = open_store(default_store_url(repo_dir))
+    try:
+        for record in [*fleet(), rec("ünï/cödé", "updated", 1)]:
+            store.add(record)
+        status, page, headers = fleetweb.fleet(store, "result=updated", repo_dir, NOW)
+        assert status == 200 and ("Content-Security-Policy", fleetpage.HEADERS[1][1]) in headers
+        cells = parse(page)
+        assert sorted(boxes_of(cells)) == ["alpha", "echo", "ünï/cödé"]
+        assert [r[:3] for r in cells.tables["rollouts"][1:]] == [
+            ["version.json", "v2", "10%"], ["version.json", "v1", "100%"]]
+        # Without the repository the boxes are still listed.
+        _, page, _ = fleetweb.fleet(store, "", None, NOW)
+        assert len(boxes_of(parse(page))) == 6 and parse(page).tables["rollouts"] == [
+            parse(page).tables["rollouts"][0]]
+        # PATH_INFO as a WSGI server gives it: UTF-8 bytes read as latin-1.
+        path = "/box/" + "ünï/cödé".encode().decode("latin-1")
+        status, page, _ = fleetweb.box(store, path, NOW)
+        assert status == 200 and parse(page).title == "Box ünï/cödé"
+        assert fleetweb.box(store, "/box/nobody", NOW)[0] == 404
+        assert fleetweb.box(store, "/box/\u20ac", NOW)[0] == 404  # not latin-1: no such box
+    finally:
+        store.close()
