@@ -185,14 +185,14 @@ def test_routes_read_the_store_and_the_repository(tmp_path: Path) -> None:
     try:
         for record in [*fleet(), rec("ünï/cödé", "updated", 1)]:
             store.add(record)
-        status, page, headers = fleetweb.fleet(store, "result=updated", repo_dir, NOW)
+        status, page, headers = fleetweb.fleet(store, {"result": ["updated"]}, repo_dir, NOW)
         assert status == 200 and ("Content-Security-Policy", fleetpage.HEADERS[1][1]) in headers
         cells = parse(page)
         assert sorted(boxes_of(cells)) == ["alpha", "echo", "ünï/cödé"]
         assert [r[:3] for r in cells.tables["rollouts"][1:]] == [
             ["version.json", "v2", "10%"], ["version.json", "v1", "100%"]]
         # Without the repository the boxes are still listed.
-        _, page, _ = fleetweb.fleet(store, "", None, NOW)
+        _, page, _ = fleetweb.fleet(store, {}, None, NOW)
         assert len(boxes_of(parse(page))) == 6 and parse(page).tables["rollouts"] == [
             parse(page).tables["rollouts"][0]]
         # PATH_INFO as a WSGI server gives it: UTF-8 bytes read as latin-1.

@@ -62,7 +62,11 @@ class Filters:
 
     @classmethod
     def parse(cls, query: str) -> Filters:
-        args = parse_qs(query, max_num_fields=10)
+        return cls.from_query(parse_qs(query[:4096], max_num_fields=50))
+
+    @classmethod
+    def from_query(cls, args: Mapping[str, Sequence[str]]) -> Filters:
+        """From a parsed query string (``parse_qs``); the first value of each name counts."""
         release = (args.get("release") or [""])[0]
         return cls(release=int(release) if release.isascii() and release.isdigit()
                    and len(release) < 19 else None,

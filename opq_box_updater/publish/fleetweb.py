@@ -8,6 +8,7 @@ request contains.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -31,11 +32,13 @@ def _health(repo: Path | None, latest: list[ReportRecord], now: datetime) -> lis
         return []  # the page still lists the boxes; `rollout status` names the problem
 
 
-def fleet(store: Store, query: str, repo: Path | None, now: datetime) -> Page:
-    """``/``: rollouts, the boxes the query string's filters select, conflicts."""
+def fleet(store: Store, query: Mapping[str, Sequence[str]], repo: Path | None,
+          now: datetime) -> Page:
+    """``/``: rollouts, the boxes the filters of the parsed query string select,
+    conflicts."""
     latest = store.latest()
     page = fleetpage.fleet_page(latest, _health(repo, latest, now), store.conflicts(),
-                                fleetpage.Filters.parse(query[:4096]), now)
+                                fleetpage.Filters.from_query(query), now)
     return 200, page, fleetpage.HEADERS
 
 
