@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from opq_box_updater.publish import build, fleetpage, fleetweb, repo, rollout
+from opq_box_updater.publish.collector import Collector
 from opq_box_updater.publish.store import ReportRecord, default_store_url, open_store
 
 NOW = datetime(2031, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -203,3 +204,28 @@ def test_routes_read_the_store_and_the_repository(tmp_path: Path) -> None:
         assert fleetweb.box(store, "/box/\u20ac", NOW)[0] == 404  # not latin-1: no such box
     finally:
         store.close()
+
+
+def test_the_collector_serves_the_pages(tmp_path: Path) -> None:
+    url = "sqlite:///" + str(tmp_path / "reports.db")
+    store = open_store(url)
+    for record in fleet():
+        store.add(record)
+    store.close()
+    app = Collector(url, clock=lambda: NOW)
+
+    def get(path: str, method: str = "GET") -> tuple[str, dict[str, str], bytes]:
+        seen: list[Any] = []
+        body = b"".join(app({"REQUEST_METHOD": method, "PATH_INFO": path,
+                             "QUERY_STRING": "release=2", "REMOTE_ADDR": "127.0.0.1"},
+                            lambda status, headers: seen.extend([status, dict(headers)])))
+        return seen[0], seen[1], body
+
+    status, headers, body = get("/")
+    assert status == "200 OK" and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "script-src" not in headers["Content-Security-Policy"]  # default-src 'none'
+    assert sorted(boxes_of(parse(body))) == ["alpha", "echo"]
+    status, _, body = get("/box/" + SCRIPT)
+    assert status == "200 OK" and parse(body).title == "Box " + SCRIPT
+    assert get("/box/")[0].startswith("404") and get("/boxes")[0].startswith("404")
+    assert get("/", "POST")[0].startswith("405") and get("/", "HEAD")[2] == b""

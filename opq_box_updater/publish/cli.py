@@ -250,13 +250,11 @@ def cmd_boxes(args: argparse.Namespace) -> int:
 
 def _boxes(args: argparse.Namespace) -> list[rollout.BoxView]:
     """The newest report of every known box, from the collector's store."""
-    from .store import open_repo_store  # sqlite3 (or psycopg2) only for these commands
-
-    store = open_repo_store(args.repo, args.store)
+    opened = _store(args)
     try:
-        return rollout.latest_views(store.latest())
+        return rollout.latest_views(opened.latest())
     finally:
-        store.close()
+        opened.close()
 
 
 def _channel(row: rollout.Health) -> str:
@@ -485,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
                        else repo.DEFAULT_VERSION_FILE,
                        help="the channel (status: every channel by default)")
         if step != "halt":
-            q.add_argument("--store", "--db", dest="store", metavar="URL", help=store_help)
+            q.add_argument("--store", metavar="URL", help=store_help)
         if signs:
             q.add_argument("--expires", type=_expires, metavar="DURATION", help="default 30d")
     widen = stages.choices["widen"]
@@ -500,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
             signs=True)
     p.add_argument("repo", type=Path, metavar="REPO")
     p.add_argument("--version-file", default=repo.DEFAULT_VERSION_FILE, metavar="F")
-    p.add_argument("--store", "--db", dest="store", metavar="URL", help=store_help)
+    p.add_argument("--store", metavar="URL", help=store_help)
     p.add_argument("--to-version", type=_positive, metavar="V",
                    help="the earlier release whose content to publish (default: the newest "
                         "one no box failed, with other content than the current one)")

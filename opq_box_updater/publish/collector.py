@@ -8,11 +8,12 @@ Run by Debian's gunicorn behind nginx (``debian/opq-box-collector.service``,
         opq_box_updater.publish.collector:application
 
 ``POST /report`` takes signed reports only (:mod:`.reports` decides, :mod:`.store` keeps;
-unsigned ones are 401). Other paths are GET routes (:data:`ROUTES`): the fleet page hooks
-its ``render`` functions in there, each taking a :class:`Request` and returning a
-:class:`Response`. The store is opened on the first request of each worker, after gunicorn
-has forked it (a database connection must not cross a fork); a store that fails (database
-down) answers 503 and is retried on the next request.
+unsigned ones are 401). Other paths are GET routes (:data:`ROUTES`, by exact path, or by
+a prefix ending in ``/``): ``/`` is the fleet page and ``/box/<id>`` a box's history
+(:mod:`.fleetweb`); with ``$OPQ_COLLECTOR_REPO`` naming the repository, the fleet page shows
+the rollout numbers of its releases. The store is opened on the first request of each
+worker, after gunicorn has forked it (a database connection must not cross a fork); a store
+that fails (database down) answers 503 and is retried on the next request.
 """
 
 from __future__ import annotations
@@ -25,15 +26,19 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
 from ..fsutil import utcnow
+from . import fleetweb
 from .common import PublishError, printable
 from .reports import REPORT_MAX_BYTES, RateLimiter, receive
 from .store import Store, collector_store_url, open_store
 
 logger = logging.getLogger("opq_box_updater.collector")
+#: The repository whose releases the fleet page's rollout numbers are about (optional).
+REPO_ENV = "OPQ_COLLECTOR_REPO"
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class Request:
     remote: str
     store: Store
     now: datetime
+    repo: Path | None = None  # the repository, when the collector knows it (rollout numbers)
 
 
 @dataclass(frozen=True)
@@ -65,10 +71,30 @@ def _healthz(request: Request) -> Response:
     return Response(200, b"ok\n")
 
 
-#: GET (and HEAD) routes by exact path. The fleet page adds its pages here.
-ROUTES: dict[str, Route] = {"/healthz": _healthz}
+def _fleet(request: Request) -> Response:
+    return _page(fleetweb.fleet(request.store, request.query, request.repo, request.now))
+
+
+def _box(request: Request) -> Response:
+    return _page(fleetweb.box(request.store, request.path, request.now))
+
+
+def _page(page: fleetweb.Page) -> Response:
+    status, body, headers = page
+    return Response(status, body, content_type=dict(headers)["Content-Type"],
+                    headers=tuple(h for h in headers if h[0] != "Content-Type"))
+
+
+#: GET (and HEAD) routes by exact path, or by a prefix ending in "/" (the longest wins).
+ROUTES: dict[str, Route] = {"/healthz": _healthz, "/": _fleet, fleetweb.BOX_PREFIX: _box}
 
 _PROXIES = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def _prefix_route(routes: Mapping[str, Route], path: str) -> Route | None:
+    """The route of the longest prefix (a key ending in "/", not "/" itself) of ``path``."""
+    prefixes = [p for p in routes if p.endswith("/") and len(p) > 1 and path.startswith(p)]
+    return routes[max(prefixes, key=len)] if prefixes else None
 
 
 def client_address(environ: Mapping[str, Any]) -> str:
@@ -88,8 +114,9 @@ class Collector:
     """The WSGI callable; one per gunicorn worker."""
 
     def __init__(self, store_url: str, clock: Callable[[], datetime] = utcnow,
-                 routes: Mapping[str, Route] | None = None) -> None:
+                 routes: Mapping[str, Route] | None = None, repo: Path | None = None) -> None:
         self.store_url = store_url
+        self.repo = repo
         self.clock = clock
         self.routes = ROUTES if routes is None else routes
         self.limiter = RateLimiter()
@@ -129,14 +156,14 @@ class Collector:
             if method != "POST":
                 return Response(405, b"POST a signed report\n", headers=(("Allow", "POST"),))
             return self._report(environ)
-        route = self.routes.get(path)
+        route = self.routes.get(path) or _prefix_route(self.routes, path)
         if route is None:
             return Response(404, b"not found\n")
         if method not in ("GET", "HEAD"):
             return Response(405, b"GET only\n", headers=(("Allow", "GET, HEAD"),))
         query = parse_qs(str(environ.get("QUERY_STRING", ""))[:4096], max_num_fields=50)
         return route(Request(method, path, query, client_address(environ), self.store,
-                             self.clock()))
+                             self.clock(), self.repo))
 
     def _report(self, environ: dict[str, Any]) -> Response:
         raw = str(environ.get("CONTENT_LENGTH") or "")
@@ -167,9 +194,11 @@ def _logging() -> None:
 
 def make_application(environ: Mapping[str, str] = os.environ) -> Collector:
     """The application for the store ``$OPQ_COLLECTOR_DB`` names (default: SQLite under
-    /var/lib/opq-box-collector)."""
+    /var/lib/opq-box-collector); the fleet page's rollout numbers come from the repository
+    ``$OPQ_COLLECTOR_REPO`` names, when set."""
     _logging()
-    return Collector(collector_store_url(environ))
+    repo = environ.get(REPO_ENV)
+    return Collector(collector_store_url(environ), repo=Path(repo) if repo else None)
 
 
 _APP: list[Collector] = []

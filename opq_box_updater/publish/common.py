@@ -113,7 +113,7 @@ def repo_lock(repo: Path, wait: float | None = None) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def printable(text: str) -> str:  # serve.printable, shared with rollout and the fleet page
+def printable(text: str) -> str:
     """``text`` with every character a terminal would act on (C0/C1 controls such as ESC,
     DEL, bidi overrides and other invisible format characters) shown as a Python escape:
     reports and request lines come from anyone who can reach the server, and must not
