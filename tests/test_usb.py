@@ -307,3 +307,15 @@ def test_a_power_cut_during_a_stick_update_converges_without_the_stick(
     status = u.assert_clean(converged)
     assert status["installed_version"] == (2 if cut == "after-dpkg" else 1)
     assert status["failed_versions"] == []  # an interruption says nothing about the release
+
+
+def test_the_stick_carries_the_release_rollout(usb: Usb) -> None:
+    """A release rolled out to 0% is not taken from a stick either (exit 0, nothing done)."""
+    u = usb
+    u.sim.publish(1, rollout=0)
+    export_repo(u.sim.path, u.stick)
+    proc = u.offline("check", expect=OK)
+    assert "rolled out to 0% of boxes" in proc.stdout
+    u.offline("run", expect=OK)
+    status = u.box.status()
+    assert status["installed_version"] == 0 and status["last_result"] == "outside-rollout"
