@@ -232,3 +232,23 @@ def test_update_script_passes_shellcheck() -> None:
     proc = subprocess.run([require_tool("shellcheck"), "-s", "sh", str(SCRIPT)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_an_encrypted_legacy_key_needs_its_passphrase(inputs: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    encrypted = tmp_path / "legacy-encrypted.pem"
+    openssl("pkey", "-in", str(inputs["ec"]), "-aes256", "-passout", "pass:s3cret",
+            "-out", str(encrypted))
+    args = bridge_args(inputs, legacy)
+    args[args.index(inputs["rsa"])] = encrypted
+    proc = publish(*args)
+    assert proc.returncode == 2 and "--legacy-key-passphrase-file" in proc.stderr
+    assert list(legacy.iterdir()) == []
+    secret = tmp_path / "passphrase"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    proc = publish(*args, "--legacy-key-passphrase-file", secret)
+    assert proc.returncode == 0, proc.stderr
+    assert "Verified OK" in legacy_check(legacy)[1]
