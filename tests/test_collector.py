@@ -165,3 +165,28 @@ def test_a_conflict_is_kept_apart_until_the_operator_accepts_its_key(stack: Stac
     assert box is not None and box.state == REJECTED
     unknown = stack.publish("boxes", "rekey", "box-404")
     assert unknown.returncode == 2 and "no box 'box-404'" in unknown.stderr
+
+
+def test_the_fleet_page_through_nginx(stack: Stack) -> None:
+    """The shipped snippet serves the fleet page at /fleet/ (from this machine only): the
+    relative links reach a box's page below the prefix, and only GET passes."""
+    hostile = "<b>x</b>\x1b"
+    assert stack.post(signed_body(new_key(), hostile, 1, installed_version=4))[0] == 204
+
+    def get(path: str, method: str = "GET") -> tuple[int, dict[str, str], str]:
+        conn = http.client.HTTPConnection("127.0.0.1", stack.nginx.port, timeout=30)
+        try:
+            conn.request(method, path)
+            response = conn.getresponse()
+            return (response.status, dict(response.getheaders()),
+                    response.read().decode("utf-8"))
+        finally:
+            conn.close()
+
+    status, headers, page = get("/fleet/?release=4")
+    assert status == 200 and "default-src 'none'" in headers["Content-Security-Policy"]
+    assert '<a href="box/%3Cb%3Ex%3C%2Fb%3E%1B">&lt;b&gt;x&lt;/b&gt;\\x1b</a>' in page
+    status, _, page = get("/fleet/box/%3Cb%3Ex%3C%2Fb%3E%1B")
+    assert status == 200 and "<title>Box &lt;b&gt;x&lt;/b&gt;\\x1b</title>" in page
+    assert get("/fleet/", "POST")[0] == 403
+    assert get("/box/x")[0] == 404  # only below /fleet/: the repository site's own 404

@@ -125,9 +125,7 @@ def browser() -> Iterator[Any]:
 
 def arrived(driver: Any, url_part: str) -> None:
     """Wait until a click's navigation has loaded the page whose URL has ``url_part``."""
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    WebDriverWait(driver, 30).until(
+    wait_for(driver, 30).until(
         lambda d: url_part in d.current_url
         and d.execute_script("return document.readyState") == "complete")
 
@@ -188,9 +186,18 @@ def test_box_history_page(browser: Any, site: str) -> None:
     assert [(h[1], h[6]) for h in history] == [("accepted", "apply-failed"),
                                                ("accepted", "updated")]
     assert history[0][8] == IMG
+    browser.find_element("link text", "back to the fleet").click()  # a relative link
+    wait_for(browser, 30).until(lambda d: d.current_url == site + "/")
     browser.get(site + "/")
     browser.find_element("link text", SCRIPT).click()
     arrived(browser, "/box/%3Cscript%3E")
     assert browser.title == "Box " + SCRIPT  # the text, not a script that ran
     browser.get(site + "/box/" + quote("no such box"))
     assert browser.find_element("tag name", "h1").text == "Not found"
+
+
+def wait_for(driver: Any, timeout: float) -> Any:
+    """selenium's WebDriverWait (imported here: selenium may be missing, see above)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout)

@@ -49,7 +49,9 @@ def shown(value: Any, limit: int = MAX_TEXT) -> str:
 
 
 def box_href(box_id: str) -> str:
-    return "/box/" + quote(box_id, safe="")
+    """The link from ``/`` to a box's page. Links are relative, so the pages work below any
+    prefix (nginx serves them at ``/fleet/``)."""
+    return "box/" + quote(box_id, safe="")
 
 
 @dataclass(frozen=True)
@@ -125,12 +127,12 @@ def _filter_form(filters: Filters, boxes: Sequence[BoxView]) -> str:
     releases = sorted({b.installed for b in boxes if b.installed is not None})
     results = sorted({b.result for b in boxes if b.result is not None})[:100]
     channels = sorted({b.channel for b in boxes})[:100]
-    return ('<form method="get" action="/" class="filters">'
+    return ('<form method="get" action="." class="filters">'
             + select("release", [str(r) for r in releases],
                      None if filters.release is None else str(filters.release))
             + select("result", results, filters.result)
             + select("channel", channels, filters.channel)
-            + '<button type="submit">filter</button> <a href="/">all boxes</a></form>')
+            + '<button type="submit">filter</button> <a href=".">all boxes</a></form>')
 
 
 def fleet_page(records: Sequence[Record], health_rows: Sequence[Health],
@@ -172,7 +174,7 @@ def fleet_page(records: Sequence[Record], health_rows: Sequence[Health],
 
 def box_page(box_id: str, history: Sequence[Any], now: datetime) -> bytes:
     """``/box/<id>``: the box's reports, newest first (the store's ``history()``)."""
-    body = [f"<h1>Box {shown(box_id, 1000)}</h1>", '<p><a href="/">back to the fleet</a></p>']
+    body = [f"<h1>Box {shown(box_id, 1000)}</h1>", '<p><a href="../">back to the fleet</a></p>']
     if not history:
         body.append("<p>No report from this box.</p>")
     rows = []
@@ -191,4 +193,4 @@ def box_page(box_id: str, history: Sequence[Any], now: datetime) -> bytes:
 
 
 def not_found() -> bytes:
-    return _page("Not found", ["<h1>Not found</h1>", '<p><a href="/">the fleet</a></p>'])
+    return _page("Not found", ["<h1>Not found</h1>", '<p><a href="../">the fleet</a></p>'])
