@@ -16,7 +16,9 @@ TMPFILES_DEB := $(if $(shell command -v systemd-tmpfiles 2>/dev/null),,systemd-s
 TEST_DEBS := $(BASE_DEBS) nginx-light curl fakeroot logrotate util-linux mount faketime \
 	$(TMPFILES_DEB) gunicorn postgresql python3-psycopg2 shellcheck chromium chromium-driver \
 	python3-selenium
-DEB_BUILD_DEBS := debhelper dh-python python3-all po-debconf lintian
+# build-essential and python3-setuptools: dpkg-checkbuilddeps wants them on a fresh machine
+# (build-essential implicitly, python3-setuptools from Build-Depends).
+DEB_BUILD_DEBS := build-essential debhelper dh-python python3-all python3-setuptools po-debconf lintian
 # The signed apt repository (scripts/apt-repo): apt-ftparchive, and gpg with its agent.
 APT_REPO_DEBS := apt-utils gpg gpg-agent
 INSTALL_TEST_DEBS := mmdebstrap $(APT_REPO_DEBS)
