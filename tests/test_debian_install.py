@@ -54,7 +54,8 @@ APT_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 ROOT_PACKAGES = ("debconf", "python3", "python3-requests", "python3-cryptography",
                  "python3-debian", "cron", "logrotate")
 TARBALL_MAX_AGE = 7 * 24 * 3600
-BUILD_DEBS = ("mmdebstrap", "build-essential", "dpkg-dev", "debhelper", "dh-python", "python3-all", "po-debconf",
+BUILD_DEBS = ("mmdebstrap", "build-essential", "dpkg-dev", "debhelper", "dh-python",
+              "python3-all", "po-debconf",
               "python3-setuptools")
 TOOLS = ("mmdebstrap", "dpkg-buildpackage", "dpkg-deb", "unshare", "chroot", "make")
 
