@@ -134,3 +134,10 @@ def test_a_key_that_cannot_sign_publishes_nothing(
     assert refused.returncode != 0, refused
     assert message in refused.stderr
     assert tree_digest(repo) == before
+
+
+def test_the_script_is_shellcheck_clean() -> None:
+    shellcheck = require_tool("shellcheck")
+    proc = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout
