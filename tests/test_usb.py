@@ -224,9 +224,9 @@ def test_a_bad_stick_is_refused_like_the_network_and_changes_nothing(
         for name in ("state.json", "release.json"):
             before.pop(str(u.box.state_dir / name)), after.pop(str(u.box.state_dir / name))
     assert after == before
-    assert u.box.status()["last_result"] == "refused"
-    assert u.box.status()["failed_versions"] == []
-    assert u.box.status()["installed_version"] == installed
+    status = u.box.status()
+    assert status["last_result"] == "refused" and status["failed_versions"] == []
+    assert status["installed_version"] == installed
     assert not list(u.box.download_dir.glob(f"{v2}*"))  # no byte of release 2 kept
     # check does not download the package: a bad one is found only by run
     u.offline("check", expect=UPDATE_AVAILABLE if attack == "package-byte" else code)
@@ -319,3 +319,15 @@ def test_the_stick_carries_the_release_rollout(usb: Usb) -> None:
     u.offline("run", expect=OK)
     status = u.box.status()
     assert status["installed_version"] == 0 and status["last_result"] == "outside-rollout"
+
+
+def test_max_package_bytes_holds_for_a_stick(usb: Usb) -> None:
+    """The box's own cap refuses a larger package before a byte of it is copied (3)."""
+    u = usb
+    u.box.write_config(max_package_bytes=100)
+    u.sim.publish(1)
+    export_repo(u.sim.path, u.stick)
+    proc = u.offline("run", expect=REFUSED)
+    assert "over max_package_bytes (100)" in proc.stderr
+    assert not list(u.box.download_dir.glob("*.zip")) and not list(
+        u.box.download_dir.glob("*.part"))
