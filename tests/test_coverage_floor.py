@@ -9,7 +9,8 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "coverage-floor"
 MODULES = ("metadata", "package", "fetcher", "state", "trust", "installer", "guard", "updater",
-           "localsource", "publish/export")
+           "localsource", "publish/export", "publish/rollout", "publish/stage", "publish/history",
+           "publish/fleetpage", "publish/fleetweb")
 
 
 def run(tmp_path: Path, percents: dict[str, float]) -> subprocess.CompletedProcess[str]:

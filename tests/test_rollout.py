@@ -377,3 +377,29 @@ def test_cli_widen_refused_exit_4_then_halt_and_recall(rolled: Path,
     with pytest.raises(SystemExit) as usage:
         cli.main(["rollout", "widen", str(rolled), "--to", "101", "--keys", keydir])
     assert usage.value.code == 2
+
+
+def test_history_skips_what_it_cannot_read_and_never_fails_a_step(
+        rolled: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = history.history_path(rolled)
+    good = path.read_bytes()
+    entry = json.loads(good.splitlines()[0])
+    path.write_bytes(good + b"not json\n" + json.dumps({**entry, "version": "2"}).encode()
+                     + b"\n" + b"x" * (history.MAX_LINE + 1) + b"\n")
+    assert [e.version for e in history.entries(rolled)] == [1, 2]
+    assert "line 3 is unreadable" in caplog.text and "line 5 is torn or too long" in caplog.text
+    path.unlink()
+    path.mkdir()  # the history cannot be written: the step still succeeds, with a warning
+    assert stage.halt(rolled, keys_of(rolled), now=NOW).rollout_percent == 0
+    assert "could not add to .history.jsonl" in caplog.text
+
+
+def test_recall_refuses_a_missing_package_and_a_channel_without_release(rolled: Path) -> None:
+    v1 = stage.signed_releases(rolled, "version.json")[0].release
+    (rolled / v1.package.path).unlink()
+    before = tree_digest(rolled)
+    with pytest.raises(PublishError, match="missing or no longer matches"):
+        stage.recall(rolled, keys_of(rolled), [], now=NOW)
+    with pytest.raises(PublishError, match="version-beta.json does not exist"):
+        stage.recall(rolled, keys_of(rolled), [], version_file="version-beta.json", now=NOW)
+    assert tree_digest(rolled) == before
