@@ -1,4 +1,6 @@
-#!/bin/sh
+# shellcheck shell=sh
+# (No "#!" line here: bridge.update_script() puts "#!/bin/sh" in front, so this template,
+# shipped in the Python module, is not an executable script of the package.)
 # update.sh of an OPQ bridge release, written by `opq-box-publish bridge`.
 #
 # The original box updater (box_updater.py, as root from cron) runs this after it
@@ -107,8 +109,8 @@ EOF
 restore_config() {
     [ -f "$SAVED_CONFIG" ] || return 0
     if ! cmp -s "$SAVED_CONFIG" "$CONFIG"; then
-        cp -p "$SAVED_CONFIG" "$CONFIG.bridge-tmp" && mv -f "$CONFIG.bridge-tmp" "$CONFIG" &&
-            log "restored $CONFIG"
+        cp -p "$SAVED_CONFIG" "$CONFIG.bridge-tmp" && sync "$CONFIG.bridge-tmp" &&
+            mv -f "$CONFIG.bridge-tmp" "$CONFIG" && log "restored $CONFIG"
     fi
 }
 

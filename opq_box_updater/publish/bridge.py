@@ -232,8 +232,10 @@ def bridge_conf(version: int, server_url: str, debs: dict[str, tuple[Path, str]]
 
 
 def update_script() -> bytes:
-    """The bridge's ``update.sh``."""
-    return resources.files(__package__).joinpath("bridge-update.sh").read_bytes()
+    """The bridge's ``update.sh``: the template with its ``#!/bin/sh`` line (the original
+    updater runs it directly)."""
+    template = resources.files(__package__).joinpath("bridge-update.sh").read_bytes()
+    return b"#!/bin/sh\n" + template
 
 
 def build_tar(version: int, *, server_url: str, debs: dict[str, tuple[Path, str]],
