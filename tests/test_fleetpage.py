@@ -192,10 +192,14 @@ def test_routes_read_the_store_and_the_repository(tmp_path: Path) -> None:
         assert sorted(boxes_of(cells)) == ["alpha", "echo", "ünï/cödé"]
         assert [r[:3] for r in cells.tables["rollouts"][1:]] == [
             ["version.json", "v2", "10%"], ["version.json", "v1", "100%"]]
-        # Without the repository the boxes are still listed.
-        _, page, _ = fleetweb.fleet(store, {}, None, NOW)
-        assert len(boxes_of(parse(page))) == 6 and parse(page).tables["rollouts"] == [
-            parse(page).tables["rollouts"][0]]
+        # Without the repository, or with a wrong path, the boxes are still listed.
+        broken = tmp_path / "broken"  # a version file but no root chain
+        broken.mkdir()
+        (broken / "version.json").write_bytes((repo_dir / "version.json").read_bytes())
+        for where in (None, tmp_path / "no-repo", broken):
+            status, page, _ = fleetweb.fleet(store, {}, where, NOW)
+            assert status == 200 and len(boxes_of(parse(page))) == 6
+            assert len(parse(page).tables["rollouts"]) == 1  # the header only
         # PATH_INFO as a WSGI server gives it: UTF-8 bytes read as latin-1.
         path = "/box/" + "ünï/cödé".encode().decode("latin-1")
         status, page, _ = fleetweb.box(store, path, NOW)

@@ -400,6 +400,6 @@ def test_recall_refuses_a_missing_package_and_a_channel_without_release(rolled: 
     before = tree_digest(rolled)
     with pytest.raises(PublishError, match="missing or no longer matches"):
         stage.recall(rolled, keys_of(rolled), [], now=NOW)
-    with pytest.raises(PublishError, match="version-beta.json does not exist"):
+    with pytest.raises(PublishError, match=r"version-beta\.json does not exist"):
         stage.recall(rolled, keys_of(rolled), [], version_file="version-beta.json", now=NOW)
     assert tree_digest(rolled) == before

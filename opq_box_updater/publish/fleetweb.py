@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from ..errors import RepositoryError
+from ..errors import ConfigError, RepositoryError
 from . import fleetpage, stage
 from .rollout import Health, latest_views
 from .store import ReportRecord, Store
@@ -28,7 +28,7 @@ def _health(repo: Path | None, latest: list[ReportRecord], now: datetime) -> lis
         return []
     try:
         return stage.status(repo, latest_views(latest), now)
-    except (OSError, RepositoryError):
+    except (OSError, ConfigError, RepositoryError):  # ConfigError: not a repository
         return []  # the page still lists the boxes; `rollout status` names the problem
 
 
