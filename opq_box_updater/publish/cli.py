@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", default="127.0.0.1", metavar="ADDRESS")
     p.add_argument("--port", type=int, default=serve.DEFAULT_PORT, metavar="PORT",
                    help="0 picks a free port (printed on the first line)")
-    p.add_argument("--store", metavar="URL", help=db_help)
+    p.add_argument("--store", "--db", dest="store", metavar="URL", help=db_help)
 
     p = add("rollout", cmd_rollout_status, "rollout health; widen or halt a phased rollout")
     stages = p.add_subparsers(dest="step", required=True, metavar="STEP")
@@ -507,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("fleet", cmd_fleet, "table of boxes: the newest report of each")
     p.add_argument("repo", type=Path, metavar="REPO", nargs="?")
-    p.add_argument("--store", metavar="URL", help=db_help)
+    p.add_argument("--store", "--db", dest="store", metavar="URL", help=db_help)
 
     p = add("boxes", cmd_boxes, "list, accept, reject or re-key the boxes that report")
     p.epilog = ("A box's key is learned from its first signed report; a report signed by "
@@ -521,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "seen in the box's conflicts")
     p.add_argument("--repo", type=Path, metavar="REPO",
                    help="the store of serve for REPO")
-    p.add_argument("--store", metavar="URL", help=db_help)
+    p.add_argument("--store", "--db", dest="store", metavar="URL", help=db_help)
     return parser
 
 
