@@ -305,3 +305,32 @@ def test_every_log_line_has_a_timestamp_multi_line_messages_included(tmp_path: P
     stamp = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ")
     assert all(stamp.match(line) for line in lines), lines
     assert lines[1].endswith("INFO     debs: a_1_all.deb"), lines
+
+
+def test_publisher_main_in_process_leaves_the_box_logging_alone(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The publisher's CLI configures the shared ``opq_box_updater`` logger for its own lines;
+    called in-process (tests, a bridge) it must hand the logger back as it found it: no
+    lower-case level names for the box's log file, no handler on a stream that is gone."""
+    import logging
+
+    from opq_box_updater.cli import add_log_file, logger
+    from opq_box_updater.publish import cli as publish_cli
+
+    state = (list(logger.handlers), logger.level, logger.propagate)
+    names = (logging.getLevelName(logging.INFO), logging.getLevelName(logging.WARNING))
+    assert publish_cli.main(["init", str(tmp_path / "repo"), "--keys", str(tmp_path / "k")]) == 0
+    assert "opq-box-publish: warning: no passphrase" in capsys.readouterr().err
+    assert (list(logger.handlers), logger.level, logger.propagate) == state
+    assert (logging.getLevelName(logging.INFO), logging.getLevelName(logging.WARNING)) == names
+    log = tmp_path / "box_updater.log"
+    logger.setLevel("INFO")
+    try:
+        add_log_file(log)
+        logger.warning("the box's own line")
+    finally:
+        logger.setLevel(state[1])
+        for handler in logger.handlers[len(state[0]):]:
+            logger.removeHandler(handler)
+            handler.close()
+    assert " WARNING " in log.read_text() and " warning " not in log.read_text()

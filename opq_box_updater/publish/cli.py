@@ -525,21 +525,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbose: bool) -> None:
+class _Formatter(logging.Formatter):
+    """``opq-box-publish: warning: X``: the level in lower case without ``addLevelName``,
+    which would rename the levels for the whole process (the box's log file included)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{PROG}: {record.levelname.lower()}: {super().format(record)}"
+
+
+def _setup_logging(verbose: bool) -> tuple[list[logging.Handler], int, bool]:
+    """Route the shared ``opq_box_updater`` logger (the box modules the publisher uses log
+    there too) to stderr; returns what it was, for main to restore."""
+    saved = (list(logger.handlers), logger.level, logger.propagate)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
-    logging.addLevelName(logging.WARNING, "warning")
-    logging.addLevelName(logging.INFO, "info")
+    handler.setFormatter(_Formatter("%(message)s"))
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.propagate = False
+    return saved
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; return its exit code (the console script exits with it)."""
+    """Run one command; return its exit code (the console script exits with it). The logger
+    is handed back as it was: called in-process (the tests do), the publisher must not
+    leave its handler, on a stream that may be gone, on the box's logger."""
     args = build_parser().parse_args(argv)
     verbose = bool(getattr(args, "verbose", False))
-    _setup_logging(verbose)
+    handlers, level, propagate = _setup_logging(verbose)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
@@ -551,6 +563,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{PROG}: error: {text}", file=sys.stderr)
         return code
+    finally:
+        for handler in logger.handlers:
+            handler.flush()
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _classify(exc: Exception, verbose: bool) -> tuple[int, str]:
