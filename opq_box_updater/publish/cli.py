@@ -483,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
                        else repo.DEFAULT_VERSION_FILE,
                        help="the channel (status: every channel by default)")
         if step != "halt":
-            q.add_argument("--store", metavar="URL", help=store_help)
+            q.add_argument("--store", "--db", dest="store", metavar="URL", help=store_help)
         if signs:
             q.add_argument("--expires", type=_expires, metavar="DURATION", help="default 30d")
     widen = stages.choices["widen"]
@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
             signs=True)
     p.add_argument("repo", type=Path, metavar="REPO")
     p.add_argument("--version-file", default=repo.DEFAULT_VERSION_FILE, metavar="F")
-    p.add_argument("--store", metavar="URL", help=store_help)
+    p.add_argument("--store", "--db", dest="store", metavar="URL", help=store_help)
     p.add_argument("--to-version", type=_positive, metavar="V",
                    help="the earlier release whose content to publish (default: the newest "
                         "one no box failed, with other content than the current one)")
