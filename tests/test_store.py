@@ -191,6 +191,15 @@ def test_sqlite_is_in_wal_mode_and_private(tmp_path: Path) -> None:
     opened.close()
 
 
+def test_the_operators_commands_never_make_an_empty_store(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/collector/reports.db"
+    with pytest.raises(StoreError, match="no report store at"):
+        open_store(url, create=False)
+    assert not (tmp_path / "collector").exists()
+    open_store(url).close()
+    open_store(url, create=False).close()
+
+
 @pytest.mark.parametrize("url", ["sqlite:///relative/reports.db", "mysql://x/y", "/tmp/x.db"])
 def test_unknown_or_relative_store_urls_are_refused(url: str) -> None:
     with pytest.raises(StoreError):

@@ -214,7 +214,7 @@ def _store(args: argparse.Namespace) -> store.Store:
     (``$OPQ_COLLECTOR_DB`` or SQLite under /var/lib/opq-box-collector)."""
     if getattr(args, "repo", None) is not None:
         return store.open_repo_store(args.repo, args.store)
-    return store.open_store(args.store or store.collector_store_url(os.environ))
+    return store.open_store(args.store or store.collector_store_url(os.environ), create=False)
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:

@@ -173,14 +173,19 @@ def default_store_url(repo: Path) -> str:
     return SQLITE_PREFIX + str((repo / ".reports" / DB_NAME).absolute())
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, create: bool = True) -> Store:
     """A store for ``sqlite:///ABS/PATH.db`` or a PostgreSQL URL / DSN (``postgresql://…``,
-    ``host=… dbname=…``), migrated to the current schema."""
+    ``host=… dbname=…``), migrated to the current schema. Without ``create`` a SQLite
+    file that does not exist yet is an error (the operator's commands only read the
+    collector's store: they must not make an empty one where the collector keeps it)."""
     if url.startswith(SQLITE_PREFIX):
         path = Path(url.removeprefix(SQLITE_PREFIX))
         if not path.is_absolute():
             raise StoreError(f"{url}: a SQLite URL needs an absolute path "
                              "(sqlite:////var/lib/... has four slashes)")
+        if not create and not path.exists():
+            raise StoreError(f"no report store at {path}: is the collector running here? "
+                             f"(--store URL or ${COLLECTOR_DB_ENV} name another)")
         return SqlStore(url, _sqlite_connect(path), "INTEGER PRIMARY KEY AUTOINCREMENT")
     if url.startswith(("postgresql://", "postgres://")) or "dbname=" in url:
         return SqlStore(url, _postgres_connect(url), "BIGSERIAL PRIMARY KEY", postgres=True)
