@@ -50,16 +50,26 @@ class Postgres:
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.user,
                   "--auth=trust", "-E", "UTF8", *([] if self.durable else ["--no-sync"]))
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w", "-l",
-                  str(self.base / "log"), "-o",
-                  f"-k {self.base} -c listen_addresses='' -c max_connections=200"
-                  + ("" if self.durable else " -c fsync=off"),
-                  "start")
+                  str(self.base / "log"), "-o", self._options(), "start")
         self._run(str(self.bindir / "createdb"), "-h", str(self.base), "-U", self.user, "opq")
+
+    def _options(self) -> str:
+        """Only a Unix socket in the cluster's directory, no TCP port at all."""
+        return (f"-k {self.base} -c listen_addresses='' -c max_connections=200"
+                + ("" if self.durable else " -c fsync=off"))
 
     def stop(self) -> None:
         with contextlib.suppress(subprocess.SubprocessError):
             self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
                       "-w", "stop")
+
+    def restart(self) -> None:
+        """Stop the server at once (as a crash would, ``-m immediate``) and start it again:
+        every open connection is broken."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
+                  "-w", "stop")
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w", "-l",
+                  str(self.base / "log"), "-o", self._options(), "start")
 
     def reset(self) -> None:
         """Drop and recreate the database: a fresh, empty store for the next test."""

@@ -45,10 +45,10 @@ def app(tmp_path: Path) -> Iterator[Collector]:
     yield made
 
 
-def signed(counter: int = 1) -> bytes:
+def signed(counter: int = 1, box_id: str = "box-1") -> bytes:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    envelope = reporting.sign_report({"box_id": "box-1"}, "box-1",
+    envelope = reporting.sign_report({"box_id": box_id}, box_id,
                                      Ed25519PrivateKey.generate(), counter, NOW)
     return json.dumps(envelope).encode()
 
@@ -94,6 +94,20 @@ def test_a_store_that_is_down_answers_503_and_recovers(tmp_path: Path) -> None:
     assert call(app, "POST", "/report", signed())[0] == 503
     blocked.unlink()
     assert call(app, "POST", "/report", signed())[0] == 204
+
+
+def test_a_database_restart_costs_one_503_then_reconnects(pg_server: Any) -> None:
+    """PostgreSQL crashes and comes back: the broken connection is dropped on the first
+    request after it (503, the box retries the next day), the next one reconnects."""
+    pg_server.reset()
+    app = Collector(pg_server.dsn, clock=lambda: NOW)
+    assert call(app, "POST", "/report", signed(box_id="box-a"))[0] == 204
+    pg_server.restart()
+    assert call(app, "POST", "/report", signed(box_id="box-b"))[0] == 503
+    assert call(app, "POST", "/report", signed(box_id="box-c"))[0] == 204
+    assert [r.box_id for r in app.store.latest()] == ["box-a", "box-c"]
+    assert call(app, "GET", "/healthz")[0] == 200
+    app.store.close()
 
 
 def test_routes_are_where_pages_hook_in(tmp_path: Path) -> None:

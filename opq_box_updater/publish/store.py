@@ -17,6 +17,7 @@ when a ``postgresql://`` URL is opened.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -282,7 +283,9 @@ class SqlStore:
 
     @contextmanager
     def _write(self) -> Iterator[Any]:
-        """One writing transaction; rolled back on any exception."""
+        """One writing transaction; rolled back on any exception. A database error (the
+        server restarted, the disk is full) drops this thread's connection, so the next
+        call connects anew, and is raised as :class:`StoreError` (the collector's 503)."""
         conn = self._conn()
         cur = conn.cursor()
         try:
@@ -293,29 +296,47 @@ class SqlStore:
                 cur.execute("BEGIN IMMEDIATE")
                 yield cur
                 cur.execute("COMMIT")
-        except BaseException:
-            conn.rollback()
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            self._raise_store_error(exc)
             raise
         finally:
-            cur.close()
+            with contextlib.suppress(Exception):
+                cur.close()
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         conn = self._conn()
-        cur = conn.cursor()
         try:
-            cur.execute(self._sql(sql), args)
-            rows = list(cur.fetchall())
-        finally:
-            cur.close()
-        if self._postgres:
-            conn.rollback()  # end the read transaction: no snapshot held between requests
+            cur = conn.cursor()
+            try:
+                cur.execute(self._sql(sql), args)
+                rows = list(cur.fetchall())
+            finally:
+                cur.close()
+            if self._postgres:
+                conn.rollback()  # end the read transaction: no snapshot held between requests
+        except Exception as exc:
+            self._raise_store_error(exc)
+            raise
         return rows
+
+    def _raise_store_error(self, exc: BaseException) -> None:
+        """A DB-API error as :class:`StoreError`, after dropping the connection; anything
+        else is left to the caller to re-raise. The message never carries the URL (it may
+        hold a password)."""
+        if isinstance(exc, sqlite3.Error) or type(exc).__module__.startswith("psycopg2"):
+            self.close()
+            text = " ".join(str(exc).split())[:300]
+            raise StoreError(f"the report store failed ({type(exc).__name__}: {text}); "
+                             "try again") from None
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
-            conn.close()
             self._local.conn = None
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def migrate(self) -> int:
         """Bring the schema to ``len(MIGRATIONS)``; returns the version found before. Safe
