@@ -10,7 +10,8 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "coverage-floor"
 MODULES = ("metadata", "package", "fetcher", "state", "trust", "installer", "guard", "updater",
            "localsource", "publish/export", "publish/rollout", "publish/stage", "publish/history",
-           "publish/fleetpage", "publish/fleetweb")
+           "publish/fleetpage", "publish/fleetweb", "publish/store", "publish/reports",
+           "publish/collector", "reporting")
 
 
 def run(tmp_path: Path, percents: dict[str, float]) -> subprocess.CompletedProcess[str]:
