@@ -51,6 +51,15 @@ class Stack:
         finally:
             conn.close()
 
+    def get(self, path: str) -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.nginx.port, timeout=30)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, response.read().decode("utf-8")
+        finally:
+            conn.close()
+
     def publish(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([PY, "-m", "opq_box_updater.publish.cli", *args,
                                "--store", self.db_url], capture_output=True, text=True,
@@ -116,6 +125,12 @@ def test_a_box_report_reaches_the_store_through_nginx(stack: Stack,
     row = next(line.split() for line in listed.stdout.splitlines()
                if line.startswith("box-real "))
     assert row[1:4] == ["trusted", history[0].key_id[:16], "2"]
+
+    # ... and on the fleet page, through the same nginx (the snippet's /fleet/ location).
+    status, page = stack.get("/fleet/")
+    assert status == 200 and "box-real" in page and "up-to-date" in page
+    status, page = stack.get("/fleet/box/box-real")
+    assert status == 200 and page.count("up-to-date") >= 1 and "updated" in page
 
 
 def test_forged_replayed_unsigned_and_oversized_reports_are_refused(stack: Stack) -> None:
