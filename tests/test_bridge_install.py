@@ -14,8 +14,10 @@ reports. The scenario, each step on the one root:
 2. a bridge whose install fails keeps the original updater in charge: the box is as before
    (cron line, box_updater.py, config, no opq-box-updater), and it retries next run; the
    same for a bridge whose new server does not answer (installed, then removed again);
-3. one cron run of the original updater with a good bridge migrates the box, installing
-   from the apt repository whose source and keyring the bridge carries;
+3. a run of the original updater with a good bridge killed as dpkg unpacks
+   opq-box-updater (a power cut) leaves the original updater in charge, and the next
+   cron run migrates the box, installing from the apt repository whose source and
+   keyring the bridge carries;
 4. the next ``opq-box-updater run`` installs a release from the new repository;
 5. running the bridge's update.sh again changes nothing.
 """
@@ -24,10 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,14 +110,38 @@ class World:
               "--trust-root", str(self.anchor), "--report-url", self.report_url])
         return int(json.loads((self.legacy_dir / "version.json").read_text())["version"])
 
-    def legacy_cron_run(self) -> str:
-        """The run_updater line of root's crontab, run as cron runs it; returns the new log."""
-        before = self.root.file(LOG).read_text()
+    def cron_command(self) -> str:
+        """The run_updater line of root's crontab as cron runs it (cron's environment)."""
         table = self.root.sh("crontab -u root -l").stdout
         line = next(x for x in table.splitlines() if x.endswith("# run_updater"))
-        command = line.split(None, 5)[5]
-        self.root.sh("env -i PATH=/usr/bin:/bin HOME=/root SHELL=/bin/sh LOGNAME=root "
-                     f"/bin/sh -c {shlex.quote(command)}", timeout=600)
+        return ("env -i PATH=/usr/bin:/bin HOME=/root SHELL=/bin/sh LOGNAME=root "
+                f"/bin/sh -c {shlex.quote(line.split(None, 5)[5])}")
+
+    def legacy_cron_run(self) -> str:
+        """One run of the original updater from cron; returns what it added to the log."""
+        before = self.root.file(LOG).read_text()
+        self.root.sh(self.cron_command(), timeout=600)
+        return self.root.file(LOG).read_text().removeprefix(before)
+
+    def legacy_cron_run_cut(self, when: str) -> str:
+        """A run of the original updater killed (SIGKILL, every process of it) as soon as
+        its log shows ``when``: the state a power cut leaves, less the lost page cache."""
+        before = self.root.file(LOG).read_text()
+        enter = ('mount -t proc proc "$1/proc"; mount --rbind /dev "$1/dev"; '
+                 'root="$1"; shift; exec chroot "$root" "$@"')
+        run = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-ec", enter,
+             "enter-root", str(self.root.path), "/bin/sh", "-c", self.cron_command()],
+            env={"PATH": SYSTEM_PATH}, start_new_session=True)
+        deadline = time.monotonic() + 300
+        try:
+            while when not in self.root.file(LOG).read_text().removeprefix(before):
+                assert run.poll() is None, "the run ended before " + when
+                assert time.monotonic() < deadline, "no " + when
+                time.sleep(0.01)
+        finally:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
         return self.root.file(LOG).read_text().removeprefix(before)
 
     def fleet(self) -> list[list[str]]:
@@ -262,8 +291,13 @@ def check_failed_install_keeps_the_legacy_updater(world: World) -> None:
 
 
 def check_one_legacy_run_migrates_the_box(world: World) -> bytes:
+    """A run cut short while the package is being installed; the next run finishes."""
     original_config = world.root.file(CONFIG).read_bytes()
     world.bridge(apt=True)
+    world.legacy_cron_run_cut("Unpacking opq-box-updater")
+    assert CRON_LINE in world.root.sh("crontab -u root -l").stdout
+    assert world.root.file(LEGACY_BIN).is_file()
+    assert not world.root.file(f"{DOWNLOAD}/local_version.json").exists()
     log = world.legacy_cron_run()
     assert "done: opq-box-updater" in log, log
     assert f"installed opq-box-updater {changelog_version()} from the apt repository" in log

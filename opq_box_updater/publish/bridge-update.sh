@@ -22,8 +22,10 @@
 # When 1-3 fail, the box is put back (config restored, the carried packages this run
 # installed removed again): the original updater stays in charge. local_version.json is
 # removed on entry, so the original updater runs this again on its next run after a
-# failure or a power cut. Every step checks before it acts: running it again, at any
-# point, is harmless. Output goes to the original updater's log.
+# failure or a power cut; what a run installs and the original config are recorded
+# before anything changes, so the run after a cut can still put the box back. Every step
+# checks before it acts: running it again, at any point, is harmless. Output goes to the
+# original updater's log.
 set -u
 umask 022
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -44,6 +46,7 @@ RETIRED_BIN=/usr/local/bin/box_updater.py.retired
 SHIPPED_ANCHOR=/usr/share/opq-box-updater/root.json
 PINNED_ANCHOR=/etc/opq/updater/trust-root.json
 SAVED_CONFIG=$HERE/updater_config.json.before-bridge
+INSTALLING=$HERE/bridge.installing
 
 log() {
     printf '%s opq-bridge v%s: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$BRIDGE_VERSION" "$*"
@@ -123,25 +126,55 @@ fail() {
             *) if present "$name"; then added="$added $name"; fi ;;
         esac
     done
-    if [ -n "$added" ]; then
+    if [ -z "$added" ]; then
+        rm -f "$INSTALLING"
+    else
         log "removing again what this run installed:$added"
         # shellcheck disable=SC2086 # package names, one word each
-        dpkg --remove $added || log "could not remove$added"
+        if dpkg --remove --force-remove-reinstreq $added; then
+            rm -f "$INSTALLING"
+        else
+            log "could not remove$added"
+        fi
     fi
     restore_config
     log "the original updater stays in charge and runs this bridge again on its next run"
     exit 1
 }
 
+# The carried packages on the box but not fully installed (a cut, a failed dpkg run):
+# dpkg --configure -a cannot finish a half-installed one, only a reinstall can.
+broken_packages() {
+    for name in $PACKAGES; do
+        case "$(dpkg-query -W -f '${db:Status-Status}' "$name" 2>/dev/null)" in
+            "" | not-installed | config-files | installed) ;;
+            *) echo "$name" ;;
+        esac
+    done
+}
+
+# Whether opq-box-updater and every carried package apt installed are fully installed.
+installed_ok() {
+    [ -n "$(installed_version)" ] && [ -z "$(broken_packages)" ]
+}
+
 # Install opq-box-updater, preferring the operators' apt repository.
 install_updater() {
+    broken=$(broken_packages)
+    reinstall=""
+    if [ -n "$broken" ]; then
+        reinstall=--reinstall
+        log "not fully installed: $(echo "$broken" | tr '\n' ' ')(reinstalling)"
+    fi
     if [ -n "$APT_SOURCE" ]; then
         install -d -m 0755 "$(dirname "$APT_KEYRING_PATH")" /etc/apt/sources.list.d
         install -m 0644 "$HERE/apt/$APT_KEYRING" "$APT_KEYRING_PATH"
         install -m 0644 "$HERE/apt/$APT_SOURCE" "/etc/apt/sources.list.d/$APT_SOURCE"
+        # shellcheck disable=SC2086 # $reinstall and $broken: an option, package names
         if apt_get -o Dir::Etc::sourcelist="sources.list.d/$APT_SOURCE" \
                 -o Dir::Etc::sourceparts=- -o APT::Get::List-Cleanup=0 update &&
-            apt_get --no-install-recommends install "$UPDATER"; then
+            apt_get --no-install-recommends install $reinstall "$UPDATER" $broken &&
+            installed_ok; then
             log "installed $UPDATER $(installed_version) from the apt repository"
             return 0
         fi
@@ -153,11 +186,13 @@ install_updater() {
     done
     carried=$(dpkg-deb -f "$HERE/debs/$UPDATER_DEB" Version) || return 1
     current=$(installed_version)
-    if [ -n "$current" ] && dpkg --compare-versions "$current" ge "$carried"; then
+    if [ -z "$reinstall" ] && [ -n "$current" ] &&
+        dpkg --compare-versions "$current" ge "$carried"; then
         log "$UPDATER $current installed; the carried $carried is not newer"
         return 0
     fi
-    apt_get --no-install-recommends install "$@" || return 1
+    # shellcheck disable=SC2086 # an option, or nothing
+    apt_get --no-install-recommends install $reinstall "$@" && installed_ok || return 1
     log "installed $UPDATER $(installed_version) from the carried debs"
 }
 
@@ -201,23 +236,37 @@ if ! flock -n 9; then
 fi
 # A failure or a power cut from here on: the original updater runs this again.
 rm -f "$HERE/local_version.json"
+# What was on the box before the bridge: present now and not installed by a bridge run
+# that a power cut stopped (those are listed in $INSTALLING, written before installing).
 present_before=""
 for name in $PACKAGES; do
-    if present "$name"; then present_before="$present_before $name"; fi
+    if present "$name" && ! grep -qx "$name" "$INSTALLING" 2>/dev/null; then
+        present_before="$present_before $name"
+    fi
 done
 log "moving this box to $UPDATER, server $SERVER_URL"
-
-if [ -f "$CONFIG" ]; then
-    cp -p "$CONFIG" "$SAVED_CONFIG" || fail "cannot copy $CONFIG"
-else
+for name in $PACKAGES; do
+    case " $present_before " in
+        *" $name "*) ;;
+        *) echo "$name" ;;
+    esac
+done >"$INSTALLING.tmp"
+{ sync "$INSTALLING.tmp" && mv -f "$INSTALLING.tmp" "$INSTALLING"; } ||
+    fail "cannot write $INSTALLING"
+# The config to put back on failure is the original updater's: a run stopped after the
+# postinst migrated the config left that one here, and it is kept.
+if [ ! -f "$CONFIG" ]; then
     rm -f "$SAVED_CONFIG"
+elif config_is_legacy || [ ! -f "$SAVED_CONFIG" ]; then
+    { cp -p "$CONFIG" "$SAVED_CONFIG.tmp" && sync "$SAVED_CONFIG.tmp" &&
+        mv -f "$SAVED_CONFIG.tmp" "$SAVED_CONFIG"; } || fail "cannot copy $CONFIG"
 fi
+echo "$UPDATER $UPDATER/server_url string $SERVER_URL" | debconf-set-selections ||
+    fail "cannot preseed the server URL"
 if dpkg --audit 2>/dev/null | grep -q .; then
     log "dpkg was interrupted before: dpkg --configure -a"
     dpkg --configure -a || fail "dpkg --configure -a"
 fi
-echo "$UPDATER $UPDATER/server_url string $SERVER_URL" | debconf-set-selections ||
-    fail "cannot preseed the server URL"
 install_updater || fail "installing $UPDATER"
 if config_is_legacy; then
     dpkg-reconfigure -f noninteractive "$UPDATER" || fail "dpkg-reconfigure $UPDATER"
@@ -239,5 +288,6 @@ retire_legacy || {
     log "FAILED to retire the original updater; both run until the next attempt"
     exit 1
 }
+rm -f "$SAVED_CONFIG" "$INSTALLING"
 log "done: $UPDATER $(installed_version) runs from /etc/cron.d; the original updater is retired"
 exit 0
