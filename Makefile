@@ -151,14 +151,17 @@ install-test: venv
 # The operators' signed apt repository for provisioning boxes (scripts/apt-repo,
 # docs/operations.md "Provisioning from the apt repository"):
 # make apt-repo APT_DIR=/srv/opq-box-apt APT_KEY=<40-digit fingerprint>
-#     [APT_DEBS="dist/*.deb"] [APT_ARCHES="amd64 arm64 armhf"] [GNUPGHOME=/media/offline/gnupg]
+#     [APT_DEBS="dist/*.deb"] [APT_ARCHES="amd64 arm64 armhf"] [APT_PASSPHRASE_FILE=FILE]
+# with GNUPGHOME in the environment (the key's home, e.g. on the offline stick).
 APT_DIR ?=
 APT_KEY ?=
 APT_DEBS ?= $(wildcard $(DIST)/opq-box-updater_*.deb $(DIST)/opq-box-publisher_*.deb \
 	$(DIST)/python3-opq-box-updater_*.deb)
 APT_ARCHES ?= amd64 arm64 armhf
+APT_PASSPHRASE_FILE ?=
 apt-repo:
 	@scripts/need-apt $(APT_REPO_DEBS)
 	@if [ -z "$(APT_DIR)" ] || [ -z "$(APT_KEY)" ]; then \
 		echo "usage: make apt-repo APT_DIR=DIR APT_KEY=FINGERPRINT [APT_DEBS=...]" >&2; exit 2; fi
-	scripts/apt-repo "$(APT_DIR)" --key "$(APT_KEY)" --arch "$(APT_ARCHES)" $(APT_DEBS)
+	scripts/apt-repo "$(APT_DIR)" --key "$(APT_KEY)" --arch "$(APT_ARCHES)" \
+		$(if $(APT_PASSPHRASE_FILE),--passphrase-file "$(APT_PASSPHRASE_FILE)") $(APT_DEBS)

@@ -141,3 +141,47 @@ def test_the_script_is_shellcheck_clean() -> None:
     proc = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True,
                           check=False)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_make_apt_repo_signs_with_a_passphrase_file_and_a_wrong_one_publishes_nothing(
+        tmp_path: Path) -> None:
+    """The documented batch path (make apt-repo ... APT_PASSPHRASE_FILE=...) for a key
+    that has a passphrase, as the operators' key must."""
+    for tool in ("gpg", "gpgv", "apt-ftparchive", "make"):
+        require_tool(tool)
+    home = tempfile.mkdtemp(prefix="opq-gpg-", dir="/tmp")
+    env = {"PATH": SYSTEM_PATH, "GNUPGHOME": home, "LC_ALL": "C.UTF-8"}
+    try:
+        subprocess.run(["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase",
+                        "correct horse", "--quick-gen-key", "OPQ pass <opq@example.org>",
+                        "ed25519", "sign", "never"], env=env, check=True, capture_output=True)
+        listing = subprocess.run(["gpg", "--batch", "--with-colons", "--list-keys"], env=env,
+                                 check=True, capture_output=True, text=True).stdout
+        found = re.search(r"^fpr:+([0-9A-F]{40}):", listing, re.MULTILINE)
+        assert found, listing
+        repo = tmp_path / "apt"
+        good, bad = tmp_path / "good", tmp_path / "bad"
+        good.write_text("correct horse\n")
+        bad.write_text("battery staple\n")
+
+        def make(passphrase: Path, deb: Path) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                ["make", "--no-print-directory", "-C", str(PROJECT), "apt-repo",
+                 f"APT_DIR={repo}", f"APT_KEY={found.group(1)}", f"APT_DEBS={deb}",
+                 f"APT_PASSPHRASE_FILE={passphrase}"],
+                env=env, capture_output=True, text=True, timeout=120, check=False)
+
+        done = make(good, make_deb(tmp_path / "d", "opq-box-updater", "1.1.0"))
+        assert done.returncode == 0, done.stderr
+        dists = tree_digest(repo / "dists")
+        assert str(repo / "dists/bookworm/InRelease") in dists
+        # gpg-agent keeps a passphrase for 10 minutes: a new session, as after the
+        # documented `gpgconf --kill gpg-agent`, asks again.
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=True)
+        refused = make(bad, make_deb(tmp_path / "d", "opq-box-updater", "1.2.0"))
+        assert refused.returncode != 0, refused
+        assert tree_digest(repo / "dists") == dists
+        assert not list(repo.glob(".stage.*"))
+    finally:
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=False)
+        shutil.rmtree(home, ignore_errors=True)
