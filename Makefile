@@ -21,7 +21,7 @@ TEST_DEBS := $(BASE_DEBS) nginx-light curl fakeroot logrotate util-linux mount f
 DEB_BUILD_DEBS := build-essential debhelper dh-python python3-all python3-setuptools po-debconf lintian
 # The signed apt repository (scripts/apt-repo): apt-ftparchive, and gpg with its agent.
 APT_REPO_DEBS := apt-utils gpg gpg-agent
-INSTALL_TEST_DEBS := mmdebstrap $(APT_REPO_DEBS)
+INSTALL_TEST_DEBS := mmdebstrap e2fsprogs $(APT_REPO_DEBS)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: all venv test lint demo bench clean newcomer

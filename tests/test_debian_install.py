@@ -159,11 +159,13 @@ class Root:
     def file(self, name: str) -> Path:
         return self.path / name.lstrip("/")
 
-    def sh(self, script: str, *, check: bool = True, timeout: float = 300
-           ) -> subprocess.CompletedProcess[str]:
+    def sh(self, script: str, *, check: bool = True, timeout: float = 300,
+           network: bool = True) -> subprocess.CompletedProcess[str]:
+        """``network=False``: in a network namespace of its own (no server reachable)."""
         enter = ('mount -t proc proc "$1/proc"; mount --rbind /dev "$1/dev"; '
                  'root="$1"; shift; exec chroot "$root" "$@"')
-        cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-ec", enter,
+        cmd = ["unshare", "--mount", *([] if network else ["--net"]), "--propagation",
+               "private", "--", "sh", "-ec", enter,
                "enter-root", str(self.path), "/usr/bin/env", "-i", f"PATH={ROOT_PATH}",
                "HOME=/root", "LC_ALL=C.UTF-8", "DEBIAN_FRONTEND=noninteractive",
                "/bin/sh", "-ec", script]
@@ -262,18 +264,18 @@ def build_debs(out: Path, *, trust_root: Path | None = None,
     return {deb.name.split("_")[0]: deb for deb in out.glob("*.deb")}
 
 
-def build_payload_deb(tmp: Path) -> Path:
+def build_payload_deb(tmp: Path, version: str = "1.0") -> Path:
     """A small real package for the update to install."""
-    tree = tmp / "payload"
+    tree = tmp / f"payload-{version}"
     (tree / "DEBIAN").mkdir(parents=True)
     (tree / "DEBIAN/control").write_text(
-        f"Package: {PAYLOAD}\nVersion: 1.0\nArchitecture: all\n"
+        f"Package: {PAYLOAD}\nVersion: {version}\nArchitecture: all\n"
         "Maintainer: OPQ Box Team <opq@example.org>\n"
         "Description: payload of the Debian install test\n")
     share = tree / "usr/share" / PAYLOAD
     share.mkdir(parents=True)
     (share / "hello").write_text("installed by an OPQ Box update\n")
-    deb = tmp / f"{PAYLOAD}_1.0_all.deb"
+    deb = tmp / f"{PAYLOAD}_{version}_all.deb"
     _run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(deb)])
     return deb
 
