@@ -179,6 +179,24 @@ def test_schema_is_migrated_once_and_a_newer_one_is_refused(store: SqlStore) -> 
         open_store(store.url)
 
 
+def test_a_version_1_store_is_migrated_with_its_history(store: SqlStore) -> None:
+    """Migration 2 (the ``latest`` table) fills itself from the reports a version 1 store
+    kept; new reports then keep it current."""
+    assert store.admit(signed("box-1", 1, run=1)) == ACCEPTED
+    assert store.admit(signed("box-1", 2, run=2)) == ACCEPTED
+    assert store.admit(signed("box-1", 3, KEY_B, run=99)) == CONFLICT
+    store.add(ReportRecord("dev", NOW, "-", {"box_id": "dev", "run": 7}, UNSIGNED, None))
+    with store._write() as cur:  # back to what version 1 had
+        cur.execute("DROP TABLE latest")
+        cur.execute("DELETE FROM schema_version WHERE version > 1")
+    reopened = open_store(store.url)
+    assert [(r.box_id, r.report["run"]) for r in reopened.latest()] == [("box-1", 2),
+                                                                        ("dev", 7)]
+    assert reopened.admit(signed("box-1", 3, run=3)) == ACCEPTED
+    assert [r.report["run"] for r in reopened.latest()] == [3, 7]
+    reopened.close()
+
+
 def test_sqlite_is_in_wal_mode_and_private(tmp_path: Path) -> None:
     url = default_store_url(tmp_path / "repo")
     assert url == f"sqlite:///{tmp_path}/repo/.reports/reports.db"

@@ -82,6 +82,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX reports_box ON reports (box_id, id)",
         "CREATE INDEX reports_status ON reports (status, id)",
     ),
+    # 2: the newest accepted or unsigned report of each box, kept on every insert, so the
+    # fleet table and page cost one row per box, not a scan of the whole history (0.8 s
+    # for a million reports in SQLite without it).
+    (
+        "CREATE TABLE latest (box_id TEXT PRIMARY KEY, report_id BIGINT NOT NULL)",
+        "INSERT INTO latest (box_id, report_id) SELECT box_id, MAX(id) FROM reports "
+        "WHERE status IN ('accepted', 'unsigned') GROUP BY box_id",
+    ),
 )
 _COLUMNS = "box_id, received, remote, status, key_id, public_key, counter, box_time, body"
 _BOX_COLUMNS = "box_id, state, key_id, public_key, counter, first_seen, last_seen"
@@ -361,11 +369,18 @@ class SqlStore:
     # --- reports -------------------------------------------------------------------------
 
     def _insert(self, cur: Any, record: ReportRecord) -> None:
-        cur.execute(self._sql(f"INSERT INTO reports ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)"),
+        cur.execute(self._sql(f"INSERT INTO reports ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?) "
+                              "RETURNING id"),
                     (record.box_id, format_time(record.received), record.remote,
                      record.status, record.key_id, record.public_key, record.counter,
                      None if record.timestamp is None else format_time(record.timestamp),
                      json.dumps(record.report, sort_keys=True, ensure_ascii=False)))
+        report_id = cur.fetchone()[0]
+        if record.status in (ACCEPTED, UNSIGNED):
+            cur.execute(self._sql(
+                "INSERT INTO latest (box_id, report_id) VALUES (?, ?) ON CONFLICT (box_id) "
+                "DO UPDATE SET report_id = CASE WHEN excluded.report_id > latest.report_id "
+                "THEN excluded.report_id ELSE latest.report_id END"), (record.box_id, report_id))
 
     def add(self, record: ReportRecord) -> None:
         with self._write() as cur:
@@ -418,9 +433,9 @@ class SqlStore:
         return ACCEPTED
 
     def latest(self) -> list[ReportRecord]:
-        rows = self._read(
-            f"SELECT {_COLUMNS} FROM reports WHERE id IN (SELECT MAX(id) FROM reports "
-            "WHERE status IN (?, ?) GROUP BY box_id) ORDER BY box_id", (ACCEPTED, UNSIGNED))
+        columns = ", ".join(f"r.{c.strip()}" for c in _COLUMNS.split(","))
+        rows = self._read(f"SELECT {columns} FROM latest l JOIN reports r ON r.id = l.report_id "
+                          "ORDER BY l.box_id")
         return [_record(row) for row in rows]
 
     def history(self, box_id: str, limit: int = 100) -> list[ReportRecord]:
