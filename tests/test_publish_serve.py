@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from email.utils import formatdate
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from opq_box_updater.publish import cli, reports, serve
-from opq_box_updater.publish.store import UNSIGNED, open_repo_store
+from opq_box_updater.publish.store import UNSIGNED, StoreError, open_repo_store
 
 BODY = bytes(range(256)) * 40  # 10240 bytes
 
@@ -348,3 +349,16 @@ def test_half_open_connections_do_not_create_unbounded_threads(server: Server) -
             time.sleep(0.1)
     else:
         pytest.fail("the server never served again after the idle connections closed")
+
+
+def test_a_failing_store_is_a_503_and_the_server_goes_on(
+        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(record: Any) -> None:
+        raise StoreError("the report store failed (disk full); try again")
+
+    monkeypatch.setattr(server.httpd.store, "add", broken)
+    status, _, body = server.request("POST", "/report", b'{"box_id": "box-9"}')
+    assert status == 503 and b"disk full" in body
+    monkeypatch.undo()
+    assert server.request("POST", "/report", b'{"box_id": "box-9"}')[0] == 204
+    assert server.request("GET", "/version.json")[0] == 200

@@ -281,8 +281,12 @@ class RepoHandler(BaseHTTPRequestHandler):
             return
         body = self.rfile.read(int(raw_length))
         server = self.repo_server
-        answer = receive(server.store, body, self.client_address[0], server.clock(),
-                         server.limiter, allow_unsigned=True)
+        try:
+            answer = receive(server.store, body, self.client_address[0], server.clock(),
+                             server.limiter, allow_unsigned=True)
+        except PublishError as exc:  # the store failed (disk full, database down)
+            self.send_error(HTTPStatus.SERVICE_UNAVAILABLE, printable(str(exc)))
+            return
         if answer.status == HTTPStatus.NO_CONTENT:
             self._send_head(HTTPStatus.NO_CONTENT, {}, None)  # 204 carries no Content-Length
         else:
