@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -20,6 +22,7 @@ from types import TracebackType
 
 PROJECT = Path(__file__).resolve().parent.parent
 SNIPPET = PROJECT / "docs" / "nginx" / "opq-box-collector.conf"
+UNIT = PROJECT / "debian" / "opq-box-publisher.opq-box-collector.service"
 SHIPPED_SOCKET = "/run/opq-box-collector/gunicorn.sock"
 INCLUDE = "#include /etc/nginx/snippets/opq-box-collector.conf;"
 APP = "opq_box_updater.publish.collector:application"
@@ -34,6 +37,20 @@ def socket_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def unit_command(sock: Path) -> list[str]:
+    """The shipped unit's ``ExecStart`` with ``sock`` for its socket: the tests and the
+    benchmark run exactly the command systemd runs."""
+    text = UNIT.read_text()
+    found = re.search(r"^ExecStart=((?:.*\\\n)*.*)$", text, re.MULTILINE)
+    if found is None:
+        raise RuntimeError(f"{UNIT}: no ExecStart line")
+    argv = shlex.split(found.group(1).replace("\\\n", " "))
+    bind = f"unix:{SHIPPED_SOCKET}"
+    if argv.count(bind) != 1 or argv[-1] != APP or not argv[0].endswith("/gunicorn"):
+        raise RuntimeError(f"{UNIT}: ExecStart changed shape: {argv}")
+    return [f"unix:{sock}" if arg == bind else arg for arg in argv]
 
 
 def find_gunicorn() -> str | None:
@@ -69,15 +86,14 @@ class Gunicorn:
         binary = find_gunicorn()
         if binary is None:
             raise FileNotFoundError("gunicorn is not installed (apt-get install gunicorn)")
-        env = {**os.environ, "OPQ_COLLECTOR_DB": self.db_url,
-               "PYTHONPATH": str(PROJECT), **self.extra_env}
-        env.pop("GUNICORN_CMD_ARGS", None)
+        # The unit's settings, as systemd passes them: GUNICORN_CMD_ARGS for the workers.
+        env = {**os.environ, "OPQ_COLLECTOR_DB": self.db_url, "PYTHONPATH": str(PROJECT),
+               "GUNICORN_CMD_ARGS": f"--workers={self.workers}", **self.extra_env}
+        argv = unit_command(self.sock)
+        argv[0] = binary
         with self.log.open("ab") as out:
-            self._proc = subprocess.Popen(
-                [binary, "--bind", f"unix:{self.sock}", "--workers", str(self.workers),
-                 "--umask", "0", "--graceful-timeout", "5", APP],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
-                cwd=self.log.parent)
+            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                          stderr=out, env=env, cwd=self.log.parent)
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.poll() is not None:
