@@ -189,6 +189,7 @@ def _broken_anchor(inputs: dict[str, Path], tmp_path: Path) -> Path:
     ("version-file", 2, "--version-file"),
     ("not-a-number", 2, "is not a number"),
     ("sources-without-signed-by", 2, "Signed-By"),
+    ("keyring-outside-the-keyring-dirs", 2, "Signed-By"),
 ])
 def test_refusals_write_nothing(inputs: dict[str, Path], tmp_path: Path, change: str,
                                 code: int, message: str) -> None:
@@ -219,6 +220,11 @@ def test_refusals_write_nothing(inputs: dict[str, Path], tmp_path: Path, change:
     elif change == "sources-without-signed-by":
         sources = tmp_path / "opq.sources"
         sources.write_text("Types: deb\nURIs: http://x/\nSuites: bookworm\nComponents: main\n")
+        args += ["--apt-source", sources, "--apt-keyring", inputs["anchor"]]
+    elif change == "keyring-outside-the-keyring-dirs":
+        sources = tmp_path / "opq.sources"
+        sources.write_text("Types: deb\nURIs: http://x/\nSuites: bookworm\nComponents: main\n"
+                           "Signed-By: /etc/apt/keyrings/../../shadow\n")
         args += ["--apt-source", sources, "--apt-keyring", inputs["anchor"]]
     before = tree_digest(legacy)
     proc = publish(*args)

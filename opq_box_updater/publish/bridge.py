@@ -205,8 +205,8 @@ def keyring_path(sources: Path) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         raise PublishError(f"{sources}: cannot read it ({exc})") from None
     found = re.findall(r"^Signed-By:[ \t]*(\S+)[ \t]*$", text, re.MULTILINE | re.IGNORECASE)
-    if (len(set(found)) != 1 or not found[0].startswith(_KEYRING_DIRS)
-            or not _PLAIN_NAME.fullmatch(found[0].rsplit("/", 1)[1])):
+    directory, _, name = found[0].rpartition("/") if len(set(found)) == 1 else ("", "", "")
+    if directory + "/" not in _KEYRING_DIRS or not _PLAIN_NAME.fullmatch(name):
         raise PublishError(f"{sources}: needs one 'Signed-By: PATH' naming a keyring file in "
                            f"{' or '.join(_KEYRING_DIRS)}")
     return str(found[0])
