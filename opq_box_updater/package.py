@@ -404,7 +404,9 @@ def package_names(names: Any, key: str) -> tuple[str, ...]:
     if not isinstance(names, list):
         _refuse(f"{MANIFEST_NAME}: {key} must be a list of package names")
     for name in names:
-        base, colon, arch = name.partition(":") if isinstance(name, str) else ("", "", "")
+        if not isinstance(name, str):
+            _refuse(f"{MANIFEST_NAME}: {key} entry {name!r} is not a package name")
+        base, colon, arch = name.partition(":")
         if not _PACKAGE_RE.fullmatch(base) or (colon and not _ARCH_RE.fullmatch(arch)):
             _refuse(f"{MANIFEST_NAME}: {key} entry {name!r} is not a package name")
     if len(set(names)) != len(names):

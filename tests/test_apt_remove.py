@@ -1,10 +1,11 @@
 """``installer: apt`` may remove exactly what the release allows (issue 12, item 1).
 
 The manifest's optional ``apt_allow_remove`` lists the installed packages apt may remove
-while applying; ``opq-box-publish build --apt-allow-remove`` writes it, ``load_manifest``
-checks it on both sides, and a removal not listed postpones the update with nothing changed.
-A listed removal is in the rollback's scope: its deb must be at hand before apt runs, and a
-failed release brings it back. Real debs, apt and dpkg in a temporary root.
+while applying; ``opq-box-publish build --apt-allow-remove`` writes it and ``load_manifest``
+checks it on both sides (its tests are in test_mutants_package.py, which ``make mutate``
+runs). A removal not listed postpones the update with nothing changed. A listed removal is
+in the rollback's scope: its deb must be at hand before apt runs, and a failed release
+brings it back. Real debs, apt and dpkg in a temporary root.
 """
 
 from __future__ import annotations
@@ -21,65 +22,12 @@ from reposim import RepoSim
 from test_installer import Sandbox, sandbox  # noqa: F401
 from test_rollback_scope import _apply, _conflicting_v2, _image_package, _postponed
 
-from opq_box_updater.errors import UnsafePackageError
 from opq_box_updater.installer import UpdatePlan
-from opq_box_updater.package import Manifest, describe, load_manifest
+from opq_box_updater.package import Manifest
 from opq_box_updater.publish import build, cli, repo, stage
 from opq_box_updater.publish.common import PublishError
 
 NOW = datetime(2031, 3, 1, 12, 0, 0, tzinfo=UTC)
-BASE = {"format": 1, "version": 3, "debs": ["a_1.0_all.deb"], "run": None,
-        "healthcheck": None}
-
-
-def _manifest_dir(tmp_path: Path, doc: object) -> Path:
-    root = tmp_path / "x"
-    root.mkdir()
-    (root / "a_1.0_all.deb").write_text("x")
-    (root / "manifest.json").write_text(json.dumps(doc))
-    return root
-
-
-# --- the manifest key ---------------------------------------------------------------------
-
-
-def test_a_manifest_without_the_key_allows_no_removal(tmp_path: Path) -> None:
-    assert load_manifest(_manifest_dir(tmp_path, BASE), 3).apt_allow_remove == ()
-
-
-def test_the_key_lists_package_names(tmp_path: Path) -> None:
-    doc = {**BASE, "apt_allow_remove": ["old", "libfoo:i386", "g++-12"]}
-    manifest = load_manifest(_manifest_dir(tmp_path, doc), 3)
-    assert manifest.apt_allow_remove == ("old", "libfoo:i386", "g++-12")
-    assert "  with installer: apt, apt may remove old, libfoo:i386, g++-12" in describe(
-        manifest, [])
-
-
-@pytest.mark.parametrize(("value", "match"), [
-    ("old", "must be a list"),
-    ({"old": 1}, "must be a list"),
-    (None, "must be a list"),
-    ([1], "entry 1 is not a package name"),
-    ([None], "entry None is not a package name"),
-    (["Old"], "entry 'Old' is not a package name"),
-    (["-old"], "is not a package name"),
-    (["old pkg"], "is not a package name"),
-    (["a"], "entry 'a' is not a package name"),  # Debian names have two characters at least
-    (["old:"], "is not a package name"),
-    (["old:I386"], "is not a package name"),
-    (["old:i386:x"], "is not a package name"),
-    (["old", "old"], "names a package twice"),
-])
-def test_bad_values_are_refused(tmp_path: Path, value: object, match: str) -> None:
-    with pytest.raises(UnsafePackageError, match=match):
-        load_manifest(_manifest_dir(tmp_path, {**BASE, "apt_allow_remove": value}), 3)
-
-
-def test_other_unknown_keys_are_still_refused(tmp_path: Path) -> None:
-    with pytest.raises(UnsafePackageError, match=r"unknown \['apt_remove'\]"):
-        load_manifest(_manifest_dir(tmp_path, {**BASE, "apt_remove": []}), 3)
-
-
 # --- the publisher ------------------------------------------------------------------------
 
 

@@ -18,7 +18,6 @@ from test_installer import Sandbox, sandbox  # noqa: F401
 from test_rollback_scope import _apply
 
 from opq_box_updater.applyplan import apt_keys, decode_states, encode_states
-from opq_box_updater.errors import UnsafePackageError
 from opq_box_updater.guard import PackageState, not_installed, parse_query
 from opq_box_updater.installer import UpdatePlan
 from opq_box_updater.package import dpkg_architectures, inspect_debs
@@ -155,27 +154,3 @@ def test_apt_names_map_to_instances() -> None:
     assert apt_keys("libfoo:i386", states, "amd64") == ["libfoo:i386"]
     assert apt_keys("tool:i386", states, "amd64") == ["tool"]
     assert apt_keys("new", states, "amd64") == ["new", "new:all", "new:amd64"]
-
-
-@pytest.mark.parametrize(("debs", "refused"), [
-    ([("libfoo", "amd64", SAME), ("libfoo", "i386", SAME)], False),
-    ([("libfoo", "amd64", SAME), ("libfoo", "amd64", SAME)], True),
-    ([("tool", "amd64", {}), ("tool", "i386", {})], True),
-    ([("libfoo", "amd64", SAME), ("libfoo", "i386", {})], True),
-])
-def test_a_package_comes_once_per_instance(tmp_path: Path, debs: list[tuple[str, str, dict[
-        str, str]]], refused: bool) -> None:
-    from opq_box_updater.package import Manifest
-
-    names = []
-    for index, (name, arch, control) in enumerate(debs):
-        deb = make_deb(tmp_path / str(index), name, "1.0", arch=arch, extra_control=control)
-        target = tmp_path / f"{index}{deb.name}"
-        target.write_bytes(deb.read_bytes())
-        names.append(target.name)
-    manifest = Manifest(1, 1, tuple(names), None, None)
-    if refused:
-        with pytest.raises(UnsafePackageError, match="is also in"):
-            inspect_debs(tmp_path, manifest, None)
-    else:
-        assert [d.multi_arch for d in inspect_debs(tmp_path, manifest, None)] == ["same"] * 2

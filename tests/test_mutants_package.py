@@ -4,12 +4,14 @@ failed against at least one surviving mutant (a bound moved by one, a check weak
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
 import test_package
+from debs import make_deb
 from test_package import assert_refused, make_zip, tree
 
 from opq_box_updater import package
@@ -163,3 +165,103 @@ def test_health_check_made_executable_without_a_run_script(tmp_path: Path) -> No
     manifest = package.Manifest(1, 3, (), None, "check.sh")
     package.prepare_scripts(root, manifest)
     assert (root / "check.sh").stat().st_mode & 0o777 == 0o700
+
+
+# --- the manifest's optional apt_allow_remove (issue 12) ------------------------------------
+
+BASE = {"format": 1, "version": 3, "debs": ["a_1.0_all.deb"], "run": None,
+        "healthcheck": None}
+
+
+def _manifest_dir(tmp_path: Path, doc: object) -> Path:
+    root = tmp_path / "x"
+    root.mkdir()
+    (root / "a_1.0_all.deb").write_text("x")
+    (root / "manifest.json").write_text(json.dumps(doc))
+    return root
+
+
+def test_a_manifest_without_the_key_allows_no_removal(tmp_path: Path) -> None:
+    manifest = package.load_manifest(_manifest_dir(tmp_path, BASE), 3)
+    assert manifest.apt_allow_remove == ()
+    assert not any("apt may remove" in line for line in package.describe(manifest, []))
+
+
+def test_the_key_lists_package_names(tmp_path: Path) -> None:
+    doc = {**BASE, "apt_allow_remove": ["old", "libfoo:i386", "g++-12"]}
+    manifest = package.load_manifest(_manifest_dir(tmp_path, doc), 3)
+    assert manifest.apt_allow_remove == ("old", "libfoo:i386", "g++-12")
+    assert package.describe(manifest, [])[-1] == \
+        "  with installer: apt, apt may remove old, libfoo:i386, g++-12"
+
+
+@pytest.mark.parametrize(("value", "match"), [
+    ("old", "apt_allow_remove must be a list"),
+    ({"old": 1}, "apt_allow_remove must be a list"),
+    (None, "apt_allow_remove must be a list"),
+    ([1], "apt_allow_remove entry 1 is not a package name"),
+    ([None], "entry None is not a package name"),
+    (["Old"], "entry 'Old' is not a package name"),
+    (["-old"], "is not a package name"),
+    (["old pkg"], "is not a package name"),
+    (["a"], "entry 'a' is not a package name"),  # Debian names have two characters at least
+    (["old:"], "is not a package name"),
+    (["old:I386"], "is not a package name"),
+    (["old:i386:x"], "is not a package name"),
+    (["old", "old"], "apt_allow_remove names a package twice"),
+])
+def test_bad_apt_allow_remove_values_are_refused(tmp_path: Path, value: object,
+                                                 match: str) -> None:
+    with pytest.raises(UnsafePackageError, match=match):
+        package.load_manifest(_manifest_dir(tmp_path, {**BASE, "apt_allow_remove": value}), 3)
+
+
+def test_other_unknown_keys_are_still_refused(tmp_path: Path) -> None:
+    with pytest.raises(UnsafePackageError, match=(
+            r"must have exactly the keys \['debs', 'format', 'healthcheck', 'run', 'version'\] "
+            r"and optionally \['apt_allow_remove'\] \(missing \[\], unknown \['apt_remove'\]\)")):
+        package.load_manifest(_manifest_dir(tmp_path, {**BASE, "apt_remove": []}), 3)
+
+
+# --- Multi-Arch: same packages, once per architecture (issue 12) ---------------------------
+
+SAME = {"Multi-Arch": "same"}
+
+
+@pytest.fixture(scope="module")
+def arch_debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """Built once: ``libfoo`` Multi-Arch: same for two architectures, ``tool`` not."""
+    out = tmp_path_factory.mktemp("arch-debs")
+    debs = {}
+    for name, arch, control in (("libfoo", "amd64", SAME), ("libfoo", "i386", SAME),
+                                ("libfoo", "i386", {}), ("tool", "amd64", {}),
+                                ("tool", "i386", {})):
+        deb = make_deb(out / f"{name}{arch}{len(control)}", name, "1.0", arch=arch,
+                       extra_control=control)
+        debs[f"{name}:{arch}{'+same' if control else ''}"] = deb.read_bytes()
+    return debs
+
+
+@pytest.mark.parametrize(("debs", "refused"), [
+    (["libfoo:amd64+same", "libfoo:i386+same"], False),
+    (["libfoo:amd64+same", "libfoo:amd64+same"], True),
+    (["tool:amd64", "tool:i386"], True),
+    (["libfoo:amd64+same", "libfoo:i386"], True),
+    (["libfoo:i386", "libfoo:amd64+same"], True),
+])
+def test_a_package_comes_once_per_instance(tmp_path: Path, arch_debs: dict[str, bytes],
+                                           debs: list[str], refused: bool) -> None:
+    names = []
+    for index, which in enumerate(debs):
+        name = f"d{index}.deb"
+        (tmp_path / name).write_bytes(arch_debs[which])
+        names.append(name)
+    manifest = package.Manifest(1, 1, tuple(names), None, None)
+    if refused:
+        with pytest.raises(UnsafePackageError,
+                           match=r"d1\.deb: package '(libfoo|tool)' is also in d0\.deb"):
+            package.inspect_debs(tmp_path, manifest, None)
+    else:
+        infos = package.inspect_debs(tmp_path, manifest, None)
+        assert [(d.architecture, d.multi_arch) for d in infos] == [("amd64", "same"),
+                                                                   ("i386", "same")]
