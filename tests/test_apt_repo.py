@@ -5,8 +5,9 @@ on a temporary root through the updater's own ``APT_CONFIG`` (``Dir`` moved into
 the host's dpkg database and apt state are never touched. Packages that came with the image
 are installed by dpkg only, so their debs are in neither the updater's cache nor apt's
 archive cache: ``apt-get download`` from the repository must put them in the rollback cache
-before anything is applied. The root with its apt lists is made once per module; each test
-works on a copy.
+before anything is applied. The image also has a ``Multi-Arch: same`` library for the native
+and a foreign architecture (added to the root's dpkg), which apt upgrades together. The root
+with its apt lists is made once per module; each test works on a copy.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ from opq_box_updater.runner import child_env
 
 #: What the image has: installed with dpkg, no deb kept anywhere on the box.
 IMAGE = {"libimg": "1.0", "gone": "1.0", "libold": "0.9"}
+#: The native and a foreign architecture (added to the root's dpkg): the image also has
+#: libfoo 1.0, Multi-Arch: same, for both.
+NATIVE = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                        check=False).stdout.strip()
+FOREIGN = "i386" if NATIVE != "i386" else "amd64"
+LIBFOO = {f"libfoo:{NATIVE}": "1.0", f"libfoo:{FOREIGN}": "1.0"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +61,10 @@ def apt_repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
     for name, version in (("libimg", "1.0"), ("libimg", "2.0"), ("gone", "1.0"),
                           ("libdep", "1.0"), ("librec", "1.0"), ("libold", "1.0")):
         make_deb(pool, name, version, files={f"usr/share/{name}/version": version})
+    for version in ("1.0", "2.0"):
+        for arch in (NATIVE, FOREIGN):
+            make_deb(pool, "libfoo", version, arch=arch, extra_control={"Multi-Arch": "same"},
+                     files={"usr/share/doc/libfoo/version": version})
     scan = subprocess.run(["dpkg-scanpackages", "--multiversion", "."], cwd=pool,
                           env=child_env(), capture_output=True, text=True, check=True)
     (pool / "Packages").write_text(scan.stdout)
@@ -62,6 +73,11 @@ def apt_repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
     for name, version in IMAGE.items():
         deb = make_deb(image, name, version, files={f"usr/share/{name}/version": version})
         subprocess.run(dpkg_command(root, "-i", str(deb)), check=True, capture_output=True)
+    subprocess.run(dpkg_command(root, "--add-architecture", FOREIGN), check=True,
+                   capture_output=True)
+    subprocess.run(dpkg_command(root, "-i", *(str(pool / f"libfoo_1.0_{a}.deb")
+                                              for a in (NATIVE, FOREIGN))),
+                   check=True, capture_output=True)
     for sub in ("etc/apt/apt.conf.d", "etc/apt/preferences.d", "etc/apt/sources.list.d",
                 "var/lib/apt/lists/partial", "var/cache/apt/archives/partial", "var/log/apt"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -85,8 +101,17 @@ def box(apt_repo: Repo, tmp_path: Path) -> Sandbox:
     config.hooks_dir.mkdir()
     config.state_dir.mkdir()
     box = Sandbox(tmp_path, config)
-    assert box.installed() == IMAGE
+    assert _installed(box) == {**IMAGE, **LIBFOO}
     return box
+
+
+def _installed(box: Sandbox) -> dict[str, str]:
+    """``${binary:Package}`` -> version of what is installed (``ii``) in the box's root."""
+    out = subprocess.run(["dpkg-query", f"--root={box.root}", "-W",
+                          "-f=${binary:Package} ${Version} ${db:Status-Abbrev}\n"],
+                         capture_output=True, text=True, check=True).stdout
+    fields = [line.split(" ") for line in out.splitlines()]
+    return {name: version for name, version, status, *_ in fields if status == "ii"}
 
 
 def _release(box: Sandbox, version: int, control: dict[str, str], *, remove: tuple[str, ...]
@@ -110,18 +135,18 @@ def test_a_failed_release_takes_back_what_apt_added_upgraded_and_removed(box: Sa
     seen = box.base / "during.txt"
     plan = _release(box, 2, {"Depends": "libimg (>= 2.0), libdep", "Recommends": "librec",
                              "Conflicts": "gone"}, remove=("gone",),
-                    healthcheck=f"dpkg-query --root={box.root} -W -f='${{Package}} "
+                    healthcheck=f"dpkg-query --root={box.root} -W -f='${{binary:Package}} "
                                 f"${{Version}} ${{db:Status-Abbrev}}\\n' > {seen}; exit 1")
     error, state = _apply(box, plan)
     during = {line.split(" ")[0]: line.split(" ", 1)[1].strip()
               for line in seen.read_text().splitlines()}
     # apt upgraded libimg, added libdep (not librec: no recommends) and removed gone
     assert during == {"app": "2.0 ii", "libimg": "2.0 ii", "libdep": "1.0 ii",
-                      "libold": "0.9 ii"}
+                      "libold": "0.9 ii", **{k: f"{v} ii" for k, v in LIBFOO.items()}}
     assert "rolled back" in str(error) and "incomplete" not in str(error)
     assert state.unrestored == () and state.journal.phase == "idle"
-    installed = box.installed()
-    assert {k: v for k, v in installed.items() if not v.endswith(("pn", "un"))} == IMAGE
+    assert _installed(box) == {**IMAGE, **LIBFOO}
+    assert not box.installed().get("libdep", "").endswith("rc")  # purged, not removed
     assert _cached(box) == ["gone_1.0_all.deb", "libimg_1.0_all.deb"]
     for name, version in IMAGE.items():
         assert (box.root / f"usr/share/{name}/version").read_text() == version
@@ -146,6 +171,20 @@ def test_a_good_release_keeps_what_apt_installed(box: Sandbox) -> None:
     installer = box.installer()
     installer.prepare_rollback(plan, installer.snapshot_all())
     installer.apply(plan)
-    assert box.installed() == {**IMAGE, "app": "2.0", "libimg": "2.0", "libdep": "1.0"}
+    assert _installed(box) == {**IMAGE, **LIBFOO, "app": "2.0", "libimg": "2.0",
+                               "libdep": "1.0"}
     assert _cached(box) == ["libimg_1.0_all.deb"]  # fetched before applying
     assert os.path.exists(box.root / "usr/share/libdep/version")
+
+
+def test_both_copies_of_a_multi_arch_package_go_back(box: Sandbox) -> None:
+    """apt upgrades libfoo for both architectures (Multi-Arch: same versions move together);
+    both 1.0 debs, never cached, are fetched per architecture before applying, and the
+    failed release returns each copy to 1.0."""
+    plan = _release(box, 4, {"Depends": "libfoo (>= 2.0)"}, healthcheck="exit 1")
+    error, state = _apply(box, plan)
+    assert "rolled back" in str(error) and state.unrestored == ()
+    log = (box.root / "var/log/dpkg.log").read_text()
+    assert f"upgrade libfoo:{FOREIGN} 1.0 2.0" in log  # apt did upgrade both
+    assert _installed(box) == {**IMAGE, **LIBFOO}
+    assert _cached(box) == sorted(f"libfoo_1.0_{a}.deb" for a in (NATIVE, FOREIGN))
