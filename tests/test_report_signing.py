@@ -121,6 +121,18 @@ def test_the_counter_is_spent_even_when_the_report_is_lost(tmp_path: Path,
     assert signed["box_id"] == signed["report"]["box_id"] == "test-box"
 
 
+def test_a_box_without_report_url_makes_no_key_and_spends_no_counter(
+        tmp_path: Path, box_factory: BoxFactory) -> None:
+    sim = RepoSim(tmp_path / "repo")
+    sim.release(1)
+    with FaultServer(sim.path) as server:
+        box = box_factory(server.url, sim.anchor)
+        assert box.run("run").returncode == 0
+        assert server.posted == []
+    assert not (box.state_dir / reporting.KEY_NAME).exists()
+    assert not (box.state_dir / reporting.COUNTER_NAME).exists()
+
+
 # --- what the collector refuses ----------------------------------------------------------------
 
 
