@@ -13,14 +13,18 @@ another key.
 * ``opq-box-publisher`` installs alone: no cron job, no debconf question, no box config;
 * a preseeded box installs ``opq-box-updater`` from it, pinned anchor and all, and its
   first ``check`` finds release 1 on the same nginx; purge leaves the root as it was;
-* a box with the 1.0 two-package layout (built from git) upgrades from it.
+* a box running the 1.0 updater (built from git) takes the split through a release of its
+  own updater: a failed health check restores 1.0 whole, the next release installs 1.1;
+* a box with the 1.0 two-package layout upgrades from the apt repository.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +35,9 @@ from nginxfix import Nginx
 from test_debian_install import (
     CONFIG,
     LIBRARY,
+    PAYLOAD,
     PROJECT,
+    RAN_MARKER,
     SYSTEM_PATH,
     Root,
     _mounts_under,
@@ -99,6 +105,7 @@ class World:
     old: dict[str, Path]
     anchor: Path
     baseline: dict[str, str]
+    update_repo: Path
 
     def serve(self, name: str) -> None:
         tmp = self.served.with_name(".served.tmp")
@@ -180,7 +187,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         root.file(SOURCES).write_text(
             f"Types: deb\nURIs: {nginx.url}apt/\nSuites: bookworm\nComponents: main\n"
             f"Signed-By: {KEYRING}\n")
-        yield World(root, nginx.url, served, repos, new, old, anchor, baseline)
+        yield World(root, nginx.url, served, repos, new, old, anchor, baseline, update_repo)
     finally:
         nginx.stop()
         for signer in signers:
@@ -268,6 +275,67 @@ def test_a_box_provisions_from_the_apt_repository(world: World) -> None:
 
     world.root.sh(f"apt-get purge -y opq-box-updater {LIBRARY} && apt-get clean")
     assert installed(world) == {}
+    assert changed_besides_apt(world) == []
+
+
+def release(world: World, version: int, debs: list[Path], healthcheck: str | None) -> None:
+    """Publish ``version`` carrying ``debs`` into the update repository nginx serves."""
+    publish = Path(sys.executable).parent / "opq-box-publish"
+    work = world.update_repo.parent
+    package = work / f"update-{version}.zip"
+    cmd = [str(publish), "build", str(package), "--version", str(version),
+           *[arg for deb in debs for arg in ("--deb", str(deb))]]
+    if healthcheck is not None:
+        script = work / f"health-{version}.sh"
+        script.write_text(f"#!/bin/sh\n{healthcheck}\n")
+        cmd += ["--healthcheck", str(script)]
+    _run(cmd)
+    _run([str(publish), "release", str(world.update_repo), str(package), "--keys",
+          str(work / "keys")])
+
+
+def test_a_1_0_box_takes_the_split_through_its_own_updater(world: World) -> None:
+    """The fleet's path: the 1.0 updater applies a release carrying the 1.1 module and
+    updater packages. A failing health check rolls back to 1.0 whole (the module package
+    purged, the 1.0 package with its files back); the next release installs 1.1."""
+    preseed(world.root, world.url)
+    old = world.old["opq-box-updater"]  # a box: no publisher
+    shutil.copy(old, world.root.file("/tmp"))
+    # Installed from a file, so the rollback needs it where it looks.
+    shutil.copy(old, world.root.file("/var/cache/apt/archives"))
+    world.root.sh(f"cd /tmp && apt-get install -y --no-install-recommends ./{old.name}")
+    first = world.apt("opq-box-updater run")
+    assert first.returncode == 0, first  # release 1 of the fixture
+    config = world.root.file(CONFIG).read_bytes()
+
+    # opq-box-updater first: the 1.0 updater runs one dpkg -i in manifest order, without
+    # --auto-deconfigure, and dpkg will not unpack the module package while it Breaks the
+    # installed 1.0 (with the module first this release fails on every 1.0 box).
+    split = [world.new["opq-box-updater"], world.new[LIBRARY]]
+    release(world, 2, split, healthcheck="exit 1")
+    failed = world.apt("opq-box-updater run")
+    assert failed.returncode == 5, failed
+    assert "health" in failed.stderr, failed.stderr  # installed, then rolled back
+    assert installed(world) == {"opq-box-updater": "1.0.0", PAYLOAD: "1.0"}
+    assert world.root.sh("dpkg --audit").stdout == ""
+    assert world.root.file("/usr/lib/python3/dist-packages/opq_box_updater/__init__.py"
+                           ).is_file(), "the 1.0 package's module is back"
+    status = json.loads(world.root.sh("opq-box-updater status --json").stdout)
+    assert status["installed_version"] == 1 and not status.get("unrestored_packages"), status
+
+    release(world, 3, split, healthcheck=None)
+    done = world.apt("opq-box-updater run")
+    assert done.returncode == 0, world.root.file("/var/log/opq/box_updater.log").read_text()[-3000:]
+    version = changelog_version()
+    assert installed(world) == {"opq-box-updater": version, LIBRARY: version, PAYLOAD: "1.0"}
+    assert world.root.sh("dpkg --audit").stdout == ""
+    assert world.root.file(CONFIG).read_bytes() == config
+    status = json.loads(world.root.sh("opq-box-updater status --json").stdout)
+    assert status["installed_version"] == 3, status
+
+    world.root.sh(f"apt-get purge -y opq-box-updater {LIBRARY} {PAYLOAD} && apt-get clean")
+    assert installed(world) == {}
+    world.root.sh("rm -f /tmp/*.deb " + RAN_MARKER)
     assert changed_besides_apt(world) == []
 
 
