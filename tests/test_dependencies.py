@@ -19,6 +19,7 @@ from opq_box_updater.publish import cli
 from opq_box_updater.publish.build import (
     DebRelations,
     build_package,
+    order_problems,
     read_base_packages,
     unmet_dependencies,
 )
@@ -203,4 +204,44 @@ def test_a_complete_release_gets_no_warning(tmp_path: Path,
     build_package(tmp_path / "p.zip", version=1, debs=debs)
     assert cli.main(["build", str(tmp_path / "q.zip"), "--version", "1",
                      *(arg for deb in debs for arg in ("--deb", str(deb)))]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+# --- the order of debs a box can apply (issue 8: the package split) --------------------------
+
+SPLIT_MODULE = DebRelations("python3-opq-box-updater", "1.1.0", "", "python3:any",
+                            "opq-box-updater (<< 1.1.0~)")
+SPLIT_UPDATER = DebRelations("opq-box-updater", "1.1.0", "", "python3-opq-box-updater (= 1.1.0)")
+
+
+@pytest.mark.parametrize("debs, problems", [
+    ([SPLIT_UPDATER, SPLIT_MODULE], 0),
+    ([SPLIT_MODULE, SPLIT_UPDATER], 1),
+    ([SPLIT_MODULE], 0),  # breaks nothing in the release: the box's own business
+    ([DebRelations("a", "1", "", "", "b, c (<< 2)"), DebRelations("c", "2"),
+      DebRelations("b", "1")], 2),
+], ids=["updater-first", "module-first", "module-alone", "two-later"])
+def test_order_problems(debs: list[DebRelations], problems: int) -> None:
+    found = order_problems(debs)
+    assert len(found) == problems, found
+    if debs == [SPLIT_MODULE, SPLIT_UPDATER]:
+        assert found[0].startswith("list opq-box-updater before python3-opq-box-updater: ")
+        assert "Breaks opq-box-updater (<< 1.1.0~)" in found[0]
+
+
+def test_build_warns_about_the_module_package_listed_first(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With real debs, as the 1.0 -> 1.1 release of docs/operations.md is built."""
+    module = make_deb(tmp_path, "python3-opq-box-updater", "1.1.0",
+                      extra_control={"Breaks": "opq-box-updater (<< 1.1.0~)",
+                                     "Replaces": "opq-box-updater (<< 1.1.0~)"})
+    updater = make_deb(tmp_path, "opq-box-updater", "1.1.0",
+                       depends="python3-opq-box-updater (= 1.1.0)")
+    out = tmp_path / "p.zip"
+    assert cli.main(["build", str(out), "--deb", str(module), "--deb", str(updater),
+                     "--version", "12"]) == 0
+    assert "warning: list opq-box-updater before python3-opq-box-updater" in \
+        capsys.readouterr().err
+    assert cli.main(["build", str(out), "--deb", str(updater), "--deb", str(module),
+                     "--version", "12"]) == 0
     assert "warning" not in capsys.readouterr().err

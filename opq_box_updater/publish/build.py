@@ -225,6 +225,7 @@ class DebRelations:
     version: str
     provides: str = ""  # the raw Provides field
     depends: str = ""  # Pre-Depends and Depends, joined with ", "
+    breaks: str = ""  # the raw Breaks field
 
 
 def read_relations(path: Path, name: str | None = None) -> DebRelations:
@@ -232,7 +233,7 @@ def read_relations(path: Path, name: str | None = None) -> DebRelations:
     control = deb_control(path, name or path.name)
     needs = ", ".join(v for v in (control.get("Pre-Depends"), control.get("Depends")) if v)
     return DebRelations(control.get("Package", ""), control.get("Version", ""),
-                        control.get("Provides", ""), needs)
+                        control.get("Provides", ""), needs, control.get("Breaks", ""))
 
 
 def read_base_packages(path: Path) -> dict[str, str | None]:
@@ -307,8 +308,38 @@ def _relations(field: str) -> list[list[Any]]:
     return list(PkgRelation.parse_relations(field)) if field.strip() else []
 
 
+def order_problems(debs: Sequence[DebRelations]) -> list[str]:
+    """Debs listed before a deb of the same release that they ``Breaks``: a box's one
+    ``dpkg -i`` unpacks in manifest order without ``--auto-deconfigure``, so dpkg refuses the
+    first while it breaks the installed older version of the second (the module package
+    ``python3-opq-box-updater`` before ``opq-box-updater`` on a 1.0 box). Pure; no I/O."""
+    later = {deb.package: index for index, deb in enumerate(debs)}
+    problems = []
+    for index, deb in enumerate(debs):
+        for group in _relations(deb.breaks):
+            for rel in group:
+                if later.get(rel["name"], -1) > index:
+                    problems.append(f"list {rel['name']} before {deb.package}: "
+                                    f"{deb.package} {deb.version} Breaks "
+                                    f"{_relation_text(rel)}, and boxes unpack the debs in "
+                                    "the order given, so dpkg refuses it while the "
+                                    "older version is installed")
+    return problems
+
+
+def _relation_text(rel: Mapping[str, Any]) -> str:
+    """One relation as Debian writes it (``name (<< 1.1.0~)``)."""
+    constraint = rel.get("version")
+    return f"{rel['name']} ({constraint[0]} {constraint[1]})" if constraint else rel["name"]
+
+
 def dependency_warnings(debs: Sequence[DebRelations], base_file: Path | None) -> list[str]:
-    """What ``build`` and ``release`` tell the operator about dependencies boxes may lack."""
+    """What ``build`` and ``release`` tell the operator about dependencies boxes may lack,
+    and about an order of debs that boxes cannot apply."""
+    return order_problems(debs) + _unmet_warnings(debs, base_file)
+
+
+def _unmet_warnings(debs: Sequence[DebRelations], base_file: Path | None) -> list[str]:
     base = read_base_packages(base_file) if base_file else None
     unmet = unmet_dependencies(debs, base)
     if not unmet:
