@@ -20,6 +20,7 @@ from conftest import tree_digest
 from opq_box_updater.metadata import Floors, parse_envelope, parse_release, verify_release
 from opq_box_updater.publish import build, cli, history, repo, rollout, stage
 from opq_box_updater.publish.common import PublishError
+from opq_box_updater.publish.keys import KeyStore
 from opq_box_updater.publish.store import ReportRecord, default_store_url, open_store
 
 NOW = datetime(2031, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -403,3 +404,55 @@ def test_recall_refuses_a_missing_package_and_a_channel_without_release(rolled: 
     with pytest.raises(PublishError, match=r"version-beta\.json does not exist"):
         stage.recall(rolled, keys_of(rolled), [], version_file="version-beta.json", now=NOW)
     assert tree_digest(rolled) == before
+
+
+def test_recall_trusts_no_entry_signed_by_a_release_key_rotated_out(rolled: Path,
+                                                                    tmp_path: Path) -> None:
+    """The release key was stolen and rotated out; the thief can also write the repository
+    directory. A release they sign with the old key under root v1 verifies against root v1,
+    but boxes refuse it (mix-and-match): ``recall`` must not re-sign its package with the
+    current keys. Entries signed before the rotation are not used either (the same rule as
+    the boxes'), so recall refuses and changes nothing."""
+    store = KeyStore(keys_of(rolled))
+    old_keyid = repo.load_chain(rolled)[-1].role("release").keyids[0]
+    stolen = store.private_key(old_keyid)
+    repo.rotate_role(rolled, keys_of(rolled), "release", now=NOW - DAY / 2)
+    evil_script = tmp_path / "evil.sh"
+    evil_script.write_bytes(b"#!/bin/sh\nrm -rf /\n")
+    build.build_package(tmp_path / "evil.zip", version=1, run=evil_script)
+    with repo.store_package(rolled, tmp_path / "evil.zip") as (_, evil):
+        pass
+    signed = repo.release_signed(version=1, root_version=1, channel="version.json",
+                                 issued=NOW - DAY / 4, expires=NOW + 30 * DAY, package=evil,
+                                 rollout=100, notes="")
+    forged = {"time": "2031-02-28T20:00:00Z", "action": "release", "channel": "version.json",
+              "version": 1, "rollout": 100, "note": "",
+              "envelope": json.loads(repo.envelope_bytes(signed, [stolen]))}
+    with history.history_path(rolled).open("a") as handle:
+        handle.write(json.dumps(forged) + "\n")
+    before = tree_digest(rolled)
+    with pytest.raises(PublishError, match="no earlier release"):
+        stage.recall(rolled, keys_of(rolled), bad_stage(), now=NOW)
+    assert tree_digest(rolled) == before
+    # The status still shows the history as it was (it signs nothing).
+    assert [h.release.version for h in stage.status(rolled, bad_stage(), NOW)] == [2, 1]
+
+
+def test_recall_signs_the_bytes_it_checked(rolled: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer of the repository swaps the old package right after recall checked its
+    sha256 (a race): what recall re-signs is still the content it checked."""
+    evil_script = tmp_path / "evil.sh"
+    evil_script.write_bytes(b"#!/bin/sh\nrm -rf /\n")
+    build.build_package(tmp_path / "evil.zip", version=1, run=evil_script)
+    v1 = stage.signed_releases(rolled, "version.json")[0].release
+    real = stage.sha256_file
+
+    def check_then_swap(path: Path) -> tuple[str, int]:
+        digest = real(path)
+        (rolled / v1.package.path).write_bytes((tmp_path / "evil.zip").read_bytes())
+        return digest
+
+    monkeypatch.setattr(stage, "sha256_file", check_then_swap)
+    result = stage.recall(rolled, keys_of(rolled), bad_stage(), now=NOW)
+    assert members(rolled / result.release.package.path)["update.sh"] == run_script(1)

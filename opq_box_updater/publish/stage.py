@@ -9,13 +9,15 @@ collector's store by the CLI); the numbers come from :mod:`.rollout`.
 package content of the *last good* release: the newest earlier release of the channel, with
 other content than the current one, that no box lists in its ``failed_versions`` (or the
 one ``to_version`` names). It is found in the history, and used only when its signed
-envelope verifies with the repository's own root chain and its package file still has the
-signed sha256 and length: the history file is not trusted.
+envelope verifies with the release keys of the repository's newest root (a key a rotation
+removed signs nothing recall re-publishes) and its package file still has the signed
+sha256 and length: the history file is not trusted.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,10 +63,16 @@ class Signed:
     rollout: int  # its percentage in the newest entry
 
 
-def signed_releases(repo: Path, channel: str) -> list[Signed]:
+def signed_releases(repo: Path, channel: str, *, current_keys: bool = False) -> list[Signed]:
     """The channel's releases in the history whose signatures verify, one per version
-    (newest entry wins), oldest version first. Entries that do not verify are skipped."""
-    chain = {root.version: root for root in load_chain(repo)}
+    (newest entry wins), oldest version first. Entries that do not verify are skipped.
+
+    An entry verifies with the release keys of the root it names; with ``current_keys``
+    (what ``recall`` signs from), with those of the newest root: a release key removed by
+    a rotation (stolen, say) must not get its package re-signed, as boxes refuse what it
+    signs (mix-and-match, DESIGN 2.3)."""
+    roots = load_chain(repo)
+    chain = {root.version: root for root in roots}
     found: dict[int, Signed] = {}
     for entry in history.entries(repo, channel):
         try:
@@ -74,7 +82,7 @@ def signed_releases(repo: Path, channel: str) -> list[Signed]:
             root = chain.get(release.root_version)
             if root is None or release.channel != channel or release.version != entry.version:
                 continue
-            verify_role(envelope, root, "release", channel)
+            verify_role(envelope, roots[-1] if current_keys else root, "release", channel)
         except RepositoryError:
             continue
         first = found.get(release.version)
@@ -197,18 +205,23 @@ def recall(repo: Path, keydir: Path, boxes: Sequence[BoxView], *,
     with repo_lock(repo):
         current = _current(repo, version_file)
         known = signed_releases(repo, version_file)
-        source = last_good(current, known, boxes, to_version).release
-        package = repo / source.package.path
-        try:
-            intact = sha256_file(package) == (source.package.sha256, source.package.length)
-        except OSError:
-            intact = False
-        if not intact:
-            raise PublishError(f"the package of v{source.version} ({source.package.path}) is "
-                               "missing or no longer matches its signed sha256; nothing was "
-                               "published")
+        usable = signed_releases(repo, version_file, current_keys=True)
+        source = last_good(current, usable, boxes, to_version).release
         version = max([current.version, *(s.release.version for s in known)]) + 1
         with tempfile.TemporaryDirectory(prefix="opq-publish-recall-") as tmp:
+            # Checked and rebuilt from one private copy: a file in the repository could be
+            # swapped between the check and the rebuild.
+            package = Path(tmp) / "source.zip"
+            try:
+                shutil.copyfile(repo / source.package.path, package)
+                intact = sha256_file(package) == (source.package.sha256,
+                                                  source.package.length)
+            except OSError:
+                intact = False
+            if not intact:
+                raise PublishError(f"the package of v{source.version} "
+                                   f"({source.package.path}) is missing or no longer matches "
+                                   "its signed sha256; nothing was published")
             rebuilt = Path(tmp) / f"recall-{version}.zip"
             rebuild_package(package, rebuilt, version=version)
             release = publish_release_unlocked(
