@@ -44,6 +44,11 @@ logger = logging.getLogger(__name__)
 #: one is what the next update needs to roll back to.
 KEEP_OTHER_VERSIONS = 1
 
+#: The packages the updater runs from (debian/control). apt never removes them for a
+#: release, whatever its ``apt_allow_remove`` says: a box without its updater takes no
+#: further release, not even the one that would put it back.
+UPDATER_PACKAGES = frozenset({"opq-box-updater", "python3-opq-box-updater"})
+
 
 class RollbackCache:
     """``<state_dir>/debs/`` and the other places an intact deb may come from."""
@@ -79,6 +84,13 @@ class RollbackCache:
             native = self._native_architecture()
             removes = {key: name for name in simulation.removes
                        for key in apt_keys(name, states, native) if key in states}
+            itself = sorted({name for key, name in removes.items()
+                             if key.partition(":")[0] in UPDATER_PACKAGES})
+            if itself:
+                raise PostponedError(
+                    f"apt would remove {', '.join(itself)}, the updater itself, to apply "
+                    f"release {plan.version}; a release may not do that (apt_allow_remove "
+                    "notwithstanding)")
             refused = sorted({name for key, name in removes.items()
                               if not _allowed(key, states[key].architecture,
                                               plan.manifest.apt_allow_remove)})

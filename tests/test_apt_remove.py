@@ -139,3 +139,29 @@ def test_an_allowed_removal_without_a_deb_to_go_back_to_postpones(apt_box: Sandb
     assert "a rollback would need old=1.0" in message
     assert not (apt_box.root / "var/log/apt/history.log").exists() or \
         "Remove: old" not in (apt_box.root / "var/log/apt/history.log").read_text()
+
+
+def _removing_v2(box: Sandbox, victim: str) -> UpdatePlan:
+    """Release 2: a 2.0 that Conflicts+Replaces ``victim``, healthy, allowing its removal."""
+    a2 = make_deb(box.debs, "a", "2.0", files={"usr/share/a/version": "2.0"},
+                  extra_control={"Conflicts": victim, "Replaces": victim})
+    return _allowing(box.plan(2, [a2]), victim)
+
+
+@pytest.mark.parametrize("victim", ["opq-box-updater", "python3-opq-box-updater"])
+def test_a_release_never_has_apt_remove_the_updater_itself(apt_box: Sandbox,
+                                                           victim: str) -> None:
+    """Even allowed by a (stolen) release key: a box without its updater never updates
+    again, and nothing on it would notice. Postponed, nothing changed."""
+    _image_package(apt_box, victim, "1.0")
+    message = _postponed(apt_box, _removing_v2(apt_box, victim))
+    assert f"apt would remove {victim}, the updater itself" in message
+    assert apt_box.installed() == {"a": "1.0", victim: "1.0"}
+
+
+def test_a_release_never_has_apt_remove_an_essential_package(apt_box: Sandbox) -> None:
+    """apt itself will not plan it (no --allow-remove-essential): postponed, unchanged."""
+    _image_package(apt_box, "core", "1.0", extra_control={"Essential": "yes"})
+    message = _postponed(apt_box, _removing_v2(apt_box, "core"))
+    assert "apt-get cannot plan release 2" in message
+    assert apt_box.installed() == {"a": "1.0", "core": "1.0"}
