@@ -30,7 +30,14 @@ from .guard import (
     package_key,
     root_options,
 )
-from .package import APT_CONFIG_FILE, RUN_STATUS_FILE, DebInfo, Manifest
+from .package import (
+    APT_CONFIG_FILE,
+    NO_SOURCES_DIR,
+    NO_SOURCES_LIST,
+    RUN_STATUS_FILE,
+    DebInfo,
+    Manifest,
+)
 from .runner import child_env, tail
 
 logger = logging.getLogger(__name__)
@@ -79,11 +86,20 @@ def cache_name(package: str, version: str, architecture: str) -> str:
 class Commands:
     """The command lines and environments of one box (``config``); builds, never runs."""
 
-    def __init__(self, config: Config, *, lock_timeout: float, script_timeout: float) -> None:
+    def __init__(self, config: Config, *, lock_timeout: float, script_timeout: float,
+                 offline: bool = False) -> None:
         self.config = config
         self.root = config.dpkg_root
         self.lock_timeout = lock_timeout
         self.script_timeout = script_timeout
+        # run --from: apt sees no sources (empty files in the workdir instead of the box's),
+        # so it installs from the release's debs and what is installed, and fetches nothing
+        self.offline = offline
+
+    @staticmethod
+    def no_sources(plan: UpdatePlan) -> tuple[Path, Path]:
+        """The empty sources list and sources directory apt reads in an offline run."""
+        return plan.workdir / NO_SOURCES_LIST, plan.workdir / NO_SOURCES_DIR
 
     def dpkg(self) -> list[str]:
         """dpkg, confined to ``dpkg_root`` when that is not ``/``."""
@@ -205,6 +221,10 @@ class Commands:
         # --reinstall: like dpkg -i, apply a deb even at the installed version, so that dpkg
         # runs and with it the post-invoke hooks and the run script.
         # Recommends are left out: an unattended update installs only what it must.
+        if self.offline:
+            no_list, no_dir = self.no_sources(plan)
+            options += [f"Dir::Etc::SourceList={no_list}", f"Dir::Etc::SourceParts={no_dir}",
+                        "Dir::Cache::pkgcache=", "Dir::Cache::srcpkgcache="]  # keep apt's
         cmd = ["apt-get", "install", "--yes", "--no-install-recommends", "--reinstall",
                "--allow-downgrades",
                *(arg for opt in options for arg in ("-o", opt)), *debs]

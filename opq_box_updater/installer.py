@@ -142,7 +142,8 @@ class Installer:
 
     def __init__(self, config: Config, *, lock_timeout: float | None = None,
                  lock_poll: float = 0.5, timeout: float = 3600.0,
-                 script_timeout: float = 1800.0) -> None:
+                 script_timeout: float = 1800.0, offline: bool = False) -> None:
+        """``offline``: a ``run --from`` run, in which apt downloads nothing."""
         self.config = config
         self.root = config.dpkg_root
         self.lock_timeout = config.timeouts.dpkg_lock if lock_timeout is None else lock_timeout
@@ -150,7 +151,7 @@ class Installer:
         self.timeout = timeout  # one dpkg/apt call
         self.script_timeout = script_timeout  # the run script, health check, each hook dir
         self.commands = Commands(config, lock_timeout=self.lock_timeout,
-                                 script_timeout=script_timeout)
+                                 script_timeout=script_timeout, offline=offline)
         self.cache = RollbackCache(config, self.commands, timeout=timeout)
 
     # --- the public steps, in the order the orchestrator calls them -----------------------
@@ -336,8 +337,7 @@ class Installer:
         cmd, extra = self.commands.install_command(plan)
         env = self.commands.env(plan, extra)
         if self.config.installer == "apt":
-            if self.root != Path("/"):
-                self.cache.write_apt_sandbox(plan)
+            self.cache.write_apt_files(plan)
             # apt takes the frontend lock itself (and waits, DPkg::Lock::Timeout); waiting
             # here first gives the same clear error as the dpkg path.
             with dpkg_locks(self.root, self.lock_timeout, self.lock_poll, hold_frontend=False):

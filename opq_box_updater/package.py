@@ -38,7 +38,9 @@ MANIFEST_FORMAT = 1
 #: for a run script that never ran), and they are not the package's "unlisted entries".
 RUN_STATUS_FILE = ".opq-run-script.json"
 APT_CONFIG_FILE = ".opq-apt.conf"
-UPDATER_FILES = frozenset({RUN_STATUS_FILE, APT_CONFIG_FILE})
+NO_SOURCES_LIST = ".opq-no-sources.list"  # run --from with installer: apt (applyplan)
+NO_SOURCES_DIR = ".opq-no-sources.d"
+UPDATER_FILES = frozenset({RUN_STATUS_FILE, APT_CONFIG_FILE, NO_SOURCES_LIST, NO_SOURCES_DIR})
 MAX_MEMBERS = 1000
 
 #: Bytes read and written per step while extracting: memory stays flat whatever the sizes.

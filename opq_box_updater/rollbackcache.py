@@ -50,6 +50,10 @@ KEEP_OTHER_VERSIONS = 1
 UPDATER_PACKAGES = frozenset({"opq-box-updater", "python3-opq-box-updater"})
 
 
+#: Why a ``--from`` run leaves a deb apt would fetch where it is.
+OFFLINE_WHY = "a --from run downloads nothing"
+
+
 class RollbackCache:
     """``<state_dir>/debs/`` and the other places an intact deb may come from."""
 
@@ -59,6 +63,9 @@ class RollbackCache:
         self.root = config.dpkg_root
         self.dir = config.state_dir / CACHE_DIR
         self.timeout = timeout  # one apt-get call
+        # run --from: apt downloads nothing; it sees no sources (Commands.offline), so a
+        # release that needs a package only a repository has is postponed by the simulation
+        self.offline = commands.offline
 
     def prepare(self, plan: UpdatePlan, before: Mapping[str, str]) -> tuple[str, ...]:
         """Before anything changes, make sure a rollback could be done, and return its scope:
@@ -129,7 +136,8 @@ class RollbackCache:
                 f"release {plan.version} is not applied: a rollback would need "
                 f"{', '.join(missing)}, and no intact deb of it is in "
                 f"{self.dir} or {self.root / APT_ARCHIVES}"
-                + ("" if self.config.installer == "apt" else
+                + (f" ({OFFLINE_WHY}: put it there, or update over the network)"
+                   if self.offline else "" if self.config.installer == "apt" else
                    " (put it there, or use installer: apt to download it)"))
         return tuple(sorted(scope))
 
@@ -181,12 +189,21 @@ class RollbackCache:
                              qualifier or arch)
 
     def apt_env(self, plan: UpdatePlan) -> dict[str, str]:
-        """The environment of an apt-get call; in a sandbox root, apt's directories and its
-        own ``APT_CONFIG`` are made first."""
+        """The environment of an apt-get call; the files it reads are made first."""
+        self.write_apt_files(plan)
         if self.root == Path("/"):
             return self.commands.env(plan)
-        self.write_apt_sandbox(plan)
         return self.commands.env(plan, {"APT_CONFIG": str(plan.workdir / APT_CONFIG_FILE)})
+
+    def write_apt_files(self, plan: UpdatePlan) -> None:
+        """In a sandbox root, apt's directories and its ``APT_CONFIG``; offline, the empty
+        sources apt reads instead of the box's."""
+        if self.root != Path("/"):
+            self.write_apt_sandbox(plan)
+        if self.offline:
+            no_list, no_dir = self.commands.no_sources(plan)
+            no_list.write_bytes(b"")
+            no_dir.mkdir(exist_ok=True)
 
     def write_apt_sandbox(self, plan: UpdatePlan) -> None:
         """Create apt's directories inside the dpkg root and its ``APT_CONFIG`` file."""
@@ -205,6 +222,11 @@ class RollbackCache:
         cmd, _ = self.commands.install_command(plan)
         result = run([cmd[0], "-s", *cmd[1:]], env=self.apt_env(plan), timeout=self.timeout,
                      check=False)
+        if result.returncode != 0 and self.offline:
+            raise PostponedError(f"apt cannot apply release {plan.version} with only its own "
+                                 f"debs and what is installed, and {OFFLINE_WHY}: ship what "
+                                 "it needs in the release or update over the network "
+                                 f"({error_summary(result.output, 'apt-get')})")
         if result.returncode != 0:
             raise PostponedError(f"apt-get cannot plan release {plan.version}: "
                                  f"{error_summary(result.output, 'apt-get')}")
@@ -213,6 +235,9 @@ class RollbackCache:
     def _download(self, plan: UpdatePlan, key: str, version: str, arch: str) -> Path | None:
         """With ``installer: apt``, ``apt-get download name[:arch]=version`` into our cache."""
         if self.config.installer != "apt":
+            return None
+        if self.offline:
+            logger.info("%s=%s not downloaded: %s", key, version, OFFLINE_WHY)
             return None
         name, _, qualifier = key.partition(":")
         arch = qualifier or arch

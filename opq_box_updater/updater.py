@@ -423,7 +423,7 @@ class Updater:
         plan = UpdatePlan(version=release.version,
                           previous_version=state.installed_for(self.channel),
                           workdir=workdir, manifest=manifest, debs=debs)
-        installer = Installer(self.config)
+        installer = Installer(self.config, offline=self.from_dir is not None)
         if dry_run:
             lines = [f"would download {ref.path} ({ref.length} bytes)",
                      *package.describe(manifest, debs), *installer.describe(plan)]

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from debs import dpkg_command, init_dpkg_root, make_deb, require_tool
@@ -60,7 +61,7 @@ class Sandbox:
     def lines(self) -> list[str]:
         return self.log.read_text().splitlines() if self.log.exists() else []
 
-    def installer(self, **kwargs: float) -> Installer:
+    def installer(self, **kwargs: Any) -> Installer:
         return Installer(self.config, **kwargs)
 
     def hook(self, directory: str, name: str, body: str) -> None:
