@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+from .fsutil import unsafe_dir_reason, unsafe_file_reason
 from .runner import run
 
 logger = logging.getLogger(__name__)
@@ -123,18 +124,32 @@ def _candidates(directory: Path, name: str, version: str, arch: str) -> Iterable
 
 
 def find(cache: Path, others: Iterable[Path], name: str, version: str,
-         arch: str = "") -> Path | None:
+         arch: str = "", *, root_owned: bool = True) -> Path | None:
     """An intact deb of exactly ``name`` ``version`` (and architecture ``arch`` unless it is
     empty: the ``i386`` copy of a Multi-Arch package is not the ``amd64`` one): from
     ``cache``, else from one of ``others`` (checked whole, then copied into ``cache`` with
-    its sha256). None when there is none."""
+    its sha256). None when there is none.
+
+    With ``root_owned`` (apt's archive cache: nothing vouches for its files but their
+    owner), a deb of ``others`` is used only when it and its directory are root's and
+    writable by nobody else: another account could plant a deb of the right name and
+    version there, which a rollback would install as root. ``apt-get download``'s own
+    files, whose hashes apt checked against its signed lists, need not be."""
     for path in _candidates(cache, name, version, arch):
         if _is(path, name, version, arch) and intact(path):
             return path
         logger.warning("rollback cache: %s is damaged or not %s %s; ignored", path.name,
                        name, version)
     for directory in others:
+        why = unsafe_dir_reason(directory) if root_owned and directory.is_dir() else None
+        if why is not None:
+            logger.warning("not using debs from %s: it %s", directory, why)
+            continue
         for path in _candidates(directory, name, version, arch):
+            why = unsafe_file_reason(path, directory) if root_owned else None
+            if why is not None:
+                logger.warning("not using %s: it %s", path, why)
+                continue
             if not _is(path, name, version, arch) or not readable_whole(path):
                 logger.warning("%s is damaged or not %s %s; ignored", path, name, version)
                 continue

@@ -250,7 +250,7 @@ class RollbackCache:
                 logger.warning("apt-get download %s failed: %s", wanted,
                                tail(result.output, 1))
                 return None
-            return debcache.find(self.dir, [Path(tmp)], name, version, arch)
+            return debcache.find(self.dir, [Path(tmp)], name, version, arch, root_owned=False)
 
     def _prune(self, package: str, arch: str, *, keep: str) -> None:
         """Per package and architecture (a Multi-Arch package's copies are kept apart)."""

@@ -20,12 +20,15 @@ import pytest
 from debs import make_deb, require_tool
 from reposim import RepoSim
 from test_installer import Sandbox, sandbox  # noqa: F401
-from test_rollback_scope import _apply, _conflicting_v2, _image_package, _postponed
+from test_rollback_scope import _apply, _conflicting_v2, _dpkg, _image_package, _postponed
 
+from opq_box_updater.errors import ApplyError
 from opq_box_updater.installer import UpdatePlan
 from opq_box_updater.package import Manifest
 from opq_box_updater.publish import build, cli, repo, stage
 from opq_box_updater.publish.common import PublishError
+from opq_box_updater.state import Store
+from opq_box_updater.transaction import Transaction
 
 NOW = datetime(2031, 3, 1, 12, 0, 0, tzinfo=UTC)
 # --- the publisher ------------------------------------------------------------------------
@@ -165,3 +168,35 @@ def test_a_release_never_has_apt_remove_an_essential_package(apt_box: Sandbox) -
     message = _postponed(apt_box, _removing_v2(apt_box, "core"))
     assert "apt-get cannot plan release 2" in message
     assert apt_box.installed() == {"a": "1.0", "core": "1.0"}
+
+
+class _PowerCut(BaseException):
+    """Ends the run where it is, journal and all, like SIGKILL (nothing catches it)."""
+
+
+def test_a_power_cut_after_apt_removed_a_package_brings_it_back(
+        apt_box: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """apt removes a conflicting package in its own dpkg call before it unpacks the new
+    one; the power goes there. The next run's recovery, without network, must bring the
+    removed package back with the old release."""
+    _image_package(apt_box, "old", "1.0", files={"usr/share/old/data": "old\n"})
+    plan = _allowing(_conflicting_v2(apt_box), "old")
+    store = Store(apt_box.config.state_dir)
+    store.ensure_dirs()
+    installer = apt_box.installer()
+
+    def removed_then_cut(_: UpdatePlan) -> None:
+        _dpkg(apt_box, "--remove", "old")  # what apt's first dpkg call did
+        raise _PowerCut
+
+    monkeypatch.setattr(installer, "apply", removed_then_cut)
+    with pytest.raises(_PowerCut):
+        Transaction(apt_box.config, store).apply(store.load(), "version.json", plan,
+                                                 installer, "0" * 64)
+    assert store.load().journal.phase == "applying" and "old" not in apt_box.installed()
+    with pytest.raises(ApplyError, match="rolled back") as caught:
+        Transaction(apt_box.config, store).recover(store.load())
+    assert "incomplete" not in str(caught.value)
+    assert apt_box.installed() == {"a": "1.0", "old": "1.0"}
+    assert (apt_box.root / "usr/share/old/data").read_text() == "old\n"
+    assert store.load().journal.phase == "idle"

@@ -5,6 +5,7 @@ Real debs, dpkg in a temporary root; each test ends with dpkg-query on the whole
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -238,3 +239,28 @@ def test_a_release_touching_a_held_package_is_postponed(sandbox: Sandbox) -> Non
     with pytest.raises(PostponedError, match="on hold"):
         installer.prepare_rollback(plan, installer.snapshot_all())
     assert sandbox.installed() == {"a": "1.0 hi"}  # still 1.0, still held
+
+
+@pytest.mark.parametrize("planted", ["directory", "file"])
+def test_a_deb_another_user_could_plant_in_apts_cache_is_never_used(
+        sandbox: Sandbox, planted: str) -> None:  # noqa: F811
+    """apt's archive cache owned by (or a deb in it writable by) another account: that
+    account could put an ``old_1.0_all.deb`` of its own there, which a rollback would
+    install as root. Such a deb is not used; without another the update waits."""
+    sandbox.install_v1()
+    _image_package(sandbox, "old", "1.0", in_apt_cache=False)
+    archives = sandbox.root / "var/cache/apt/archives"
+    archives.mkdir(parents=True, exist_ok=True)
+    evil = make_deb(sandbox.debs / "evil", "old", "1.0",
+                    scripts={"postinst": f"touch {sandbox.root}/pwned"})
+    planted_deb = archives / evil.name
+    planted_deb.write_bytes(evil.read_bytes())
+    if planted == "directory":
+        os.chown(archives, 65534, 65534)
+    else:
+        os.chown(planted_deb, 65534, 65534)
+        planted_deb.chmod(0o666)
+    message = _postponed(sandbox, _conflicting_v2(sandbox))
+    assert "a rollback would need old=1.0" in message
+    assert not (sandbox.config.state_dir / "debs" / evil.name).exists()
+    assert not (sandbox.root / "pwned").exists()
