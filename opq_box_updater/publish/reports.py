@@ -47,6 +47,7 @@ from .store import (
     UNSIGNED,
     ReportRecord,
     Store,
+    box_id_problem,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,6 @@ REPORT_MAX_BYTES = 16 * 1024
 #: Reports nest 2 or 3 deep; deeper is refused before parsing (a 5000-deep body once raised
 #: an uncaught RecursionError in serve's request thread).
 REPORT_MAX_DEPTH = 32
-MAX_BOX_ID = 256
 CLOCK_TOLERANCE = timedelta(days=30)
 #: Unsigned reports (``serve`` only) are refused with 507 beyond this many stored reports.
 MAX_UNSIGNED_REPORTS = 100_000
@@ -132,8 +132,10 @@ def json_depth(text: str) -> int:
 
 
 def _box_id(value: Any) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_BOX_ID:
-        raise Refused(400, f"expected a box_id of 1 to {MAX_BOX_ID} characters")
+    problem = box_id_problem(value)
+    if problem is not None:
+        raise Refused(400, problem)
+    assert isinstance(value, str)
     return value
 
 

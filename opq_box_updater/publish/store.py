@@ -21,6 +21,7 @@ import contextlib
 import json
 import sqlite3
 import threading
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,6 +92,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "WHERE status IN ('accepted', 'unsigned') GROUP BY box_id",
     ),
 )
+#: Box ids the collector takes: DESIGN 3.5 allows any text, but a real box's id is its
+#: machine-id, a generated hex id or a configured one with surrounding whitespace stripped.
+MAX_BOX_ID = 256
 _COLUMNS = "box_id, received, remote, status, key_id, public_key, counter, box_time, body"
 _BOX_COLUMNS = "box_id, state, key_id, public_key, counter, first_seen, last_seen"
 
@@ -175,6 +179,19 @@ class Store(Protocol):
         """Close this thread's connection."""
 
 
+def box_id_problem(value: object) -> str | None:
+    """Why ``value`` is not a box id the store keeps, or None. Control characters (NUL
+    above all: PostgreSQL's text cannot hold it, and the request died with a 500) and
+    surrounding whitespace never come from a real box (the updater strips a configured
+    id), only from someone making an id that looks like another box's in the operator's
+    table."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_BOX_ID:
+        return f"expected a box_id of 1 to {MAX_BOX_ID} characters"
+    if value != value.strip() or any(unicodedata.category(ch) == "Cc" for ch in value):
+        return "a box_id has no control characters and no surrounding whitespace"
+    return None
+
+
 def default_store_url(repo: Path) -> str:
     """Where ``serve``, ``fleet`` and ``rollout`` keep reports of a repository by default:
     ``REPO/.reports/reports.db`` (a dot-directory: ``serve`` and the shipped nginx
@@ -226,7 +243,9 @@ def import_json_reports(store: Store, folder: Path) -> int:
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
             report = record["report"]
-            store.add(ReportRecord(str(report["box_id"]), parse_time(record["received"]),
+            if box_id_problem(report["box_id"]) is not None:
+                continue
+            store.add(ReportRecord(report["box_id"], parse_time(record["received"]),
                                    str(record.get("remote", "-")), dict(report), UNSIGNED,
                                    None))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RepositoryError):
@@ -439,6 +458,8 @@ class SqlStore:
         return [_record(row) for row in rows]
 
     def history(self, box_id: str, limit: int = 100) -> list[ReportRecord]:
+        if "\0" in box_id:  # no box has one (box_id_problem); PostgreSQL cannot compare it
+            return []
         rows = self._read(f"SELECT {_COLUMNS} FROM reports WHERE box_id = ? "
                           "ORDER BY id DESC LIMIT ?", (box_id, limit))
         return [_record(row) for row in rows]
@@ -466,6 +487,8 @@ class SqlStore:
                 self._read(f"SELECT {_BOX_COLUMNS} FROM boxes ORDER BY box_id")]
 
     def box(self, box_id: str) -> BoxRecord | None:
+        if "\0" in box_id:
+            return None
         rows = self._read(f"SELECT {_BOX_COLUMNS} FROM boxes WHERE box_id = ?", (box_id,))
         return _box_record(rows[0]) if rows else None
 

@@ -1,0 +1,90 @@
+"""Attacks on the collector that once broke it (issue 10 review): box ids that PostgreSQL
+cannot hold or that mimic another box in the operator's table, workers opening a fresh
+SQLite store at once, and a flood of conflicts the fleet page loaded whole."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from opq_box_updater import reporting
+from opq_box_updater.publish.collector import Collector
+from opq_box_updater.publish.reports import RateLimiter, receive
+from opq_box_updater.publish.store import import_json_reports, open_store
+
+NOW = datetime(2031, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/reports.db"
+    pg = request.getfixturevalue("pg_server")
+    pg.reset()
+    return str(pg.dsn)
+
+
+def signed(box_id: str, report: dict[str, Any] | None = None, counter: int = 1) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    envelope = reporting.sign_report(report or {"result": "updated"}, box_id,
+                                     Ed25519PrivateKey.generate(), counter, NOW)
+    return json.dumps(envelope).encode()
+
+
+def get(app: Collector, path: str) -> int:
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "",
+               "REMOTE_ADDR": "192.0.2.9", "wsgi.input": io.BytesIO(b"")}
+    answer: list[int] = []
+    b"".join(app(environ, lambda status, headers: answer.append(int(status.split()[0]))))
+    return answer[0]
+
+
+HOSTILE_IDS = ["box\x00-1", "box-1 ", " box-1", "box-1\n", "box\x1b[2J-1", "box\x85-1"]
+
+
+def test_box_ids_with_controls_or_surrounding_space_are_refused_on_both_back_ends(
+        store_url: str) -> None:
+    """NUL in a box id made PostgreSQL's driver raise (a 500 for the box, the page and
+    serve); a trailing space or newline made a second "box-1" row the operator could not
+    tell from the real one. No real box sends either (the updater strips its box id)."""
+    store = open_store(store_url)
+    try:
+        for box_id in HOSTILE_IDS:
+            for allow_unsigned, body in ((False, signed(box_id)),
+                                         (True, json.dumps({"box_id": box_id}).encode())):
+                answer = receive(store, body, "192.0.2.9", NOW, RateLimiter(),
+                                 allow_unsigned=allow_unsigned)
+                assert answer.status == 400, (box_id, answer)
+                assert "control characters" in answer.message
+        assert (store.report_count(), store.boxes()) == (0, [])
+        # Hostile text inside the report is kept as it came (the page escapes it).
+        report = {"result": "failed", "error": "a\x00b\x1b[2J\u202e"}
+        assert receive(store, signed("box-1", report), "192.0.2.9", NOW,
+                       RateLimiter()).status == 204
+        [record] = store.latest()
+        assert record.report["error"] == report["error"]
+        assert store.history("box\x00-1") == [] and store.box("box\x00-1") is None
+    finally:
+        store.close()
+    app = Collector(store_url, clock=lambda: NOW)
+    assert get(app, "/box/box-1") == 200
+    assert get(app, "/box/box\x00-1") == 404  # was a 500 on PostgreSQL
+
+
+def test_old_json_reports_with_hostile_box_ids_are_not_imported(tmp_path: Path) -> None:
+    folder = tmp_path / ".reports"
+    folder.mkdir()
+    for name, box_id in (("a", "box\x00-1"), ("b", "box-1 "), ("c", "box-1")):
+        (folder / f"{name}.json").write_text(json.dumps(
+            {"received": "2031-01-02T03:04:05Z", "remote": "-",
+             "report": {"box_id": box_id, "result": "updated"}}), encoding="utf-8")
+    store = open_store(f"sqlite:///{tmp_path}/reports.db")
+    assert import_json_reports(store, folder) == 1
+    assert [r.box_id for r in store.latest()] == ["box-1"]
+    assert sorted(p.name for p in folder.iterdir()) == ["a.json", "b.json", "c.json.imported"]
