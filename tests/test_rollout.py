@@ -456,3 +456,20 @@ def test_recall_signs_the_bytes_it_checked(rolled: Path, tmp_path: Path,
     monkeypatch.setattr(stage, "sha256_file", check_then_swap)
     result = stage.recall(rolled, keys_of(rolled), bad_stage(), now=NOW)
     assert members(rolled / result.release.package.path)["update.sh"] == run_script(1)
+
+
+def test_a_second_recall_never_brings_back_the_recalled_release(rolled: Path) -> None:
+    """Two recalls at once (two operators, a retried command): the lock runs them one
+    after the other, and the second sees the first's v3 as current. No box reported a
+    failure (the release was recalled for what it does, not for failing): the second
+    must not pick v2, the release the first one recalled."""
+    first = stage.recall(rolled, keys_of(rolled), [], now=NOW)
+    assert (first.source.version, first.release.version) == (1, 3)
+    before = tree_digest(rolled)
+    with pytest.raises(PublishError, match="no earlier release"):
+        stage.recall(rolled, keys_of(rolled), [], now=NOW + timedelta(minutes=1))
+    assert tree_digest(rolled) == before
+    # Named explicitly, an operator still can.
+    again = stage.recall(rolled, keys_of(rolled), [], to_version=2,
+                         now=NOW + timedelta(minutes=2))
+    assert members(rolled / again.release.package.path)["update.sh"] == run_script(2)

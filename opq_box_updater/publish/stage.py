@@ -7,8 +7,9 @@ collector's store by the CLI); the numbers come from :mod:`.rollout`.
 
 **Recall** publishes, as a new version above every version the channel has published, the
 package content of the *last good* release: the newest earlier release of the channel, with
-other content than the current one, that no box lists in its ``failed_versions`` (or the
-one ``to_version`` names). It is found in the history, and used only when its signed
+other content than the current one, that no box lists in its ``failed_versions`` and no
+earlier recall recalled (its signed notes, :data:`RECALL_NOTES`, say which), or the one
+``to_version`` names. It is found in the history, and used only when its signed
 envelope verifies with the release keys of the repository's newest root (a key a rotation
 removed signs nothing recall re-publishes) and its package file still has the signed
 sha256 and length: the history file is not trusted.
@@ -17,6 +18,7 @@ sha256 and length: the history file is not trusted.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -48,6 +50,10 @@ from .rollout import (
 
 #: Earlier releases ``rollout status`` shows per channel besides the current one.
 EARLIER_SHOWN = 3
+#: The notes of a release ``recall`` publishes (signed: how a later recall knows what
+#: this one recalled and whose content it carries).
+RECALL_NOTES = "recall of v{recalled}: the content of v{source}"
+_RECALL_NOTES_RE = re.compile(r"recall of v(\d+): the content of v(\d+)")
 
 
 class UnhealthyRolloutError(PublishError):
@@ -175,14 +181,36 @@ def last_good(current: Release, known: Sequence[Signed], boxes: Sequence[BoxView
                            f"{current.channel} below v{current.version} with that version in "
                            f"the history (known: {versions})")
     failed = {v for b in boxes if b.channel == current.channel for v in b.failed_versions}
+    # A recall recalled every release between its source and itself: those are not good,
+    # whatever the boxes say (a second recall must not bring back what the first removed),
+    # and a release with the current content is no way back either.
+    releases = {s.release.version: s.release for s in known} | {current.version: current}
+    recalled = {v for r in releases.values() if (src := recall_source(r)) is not None
+                for v in range(src + 1, r.version)}
     for item in reversed(earlier):
         if (item.release.package.sha256 != current.package.sha256
-                and item.release.version not in failed):
+                and _content(item.release, releases) != _content(current, releases)
+                and item.release.version not in failed | recalled):
             return item
     raise PublishError(f"no earlier release of {current.channel} without failures and with "
                        f"other content than v{current.version} in the history "
                        f"({history.HISTORY_FILE}); name one with --to-version, or build and "
                        "release the known-good content yourself")
+
+
+def recall_source(release: Release) -> int | None:
+    """The version whose content ``release`` carries when it is a recall (its signed notes,
+    :data:`RECALL_NOTES`), else None."""
+    match = _RECALL_NOTES_RE.fullmatch(release.notes)
+    source = int(match.group(2)) if match else None
+    return source if source is not None and source < release.version else None
+
+
+def _content(release: Release, releases: dict[int, Release]) -> int:
+    """The version that first published ``release``'s content (through recalls)."""
+    while (source := recall_source(release)) is not None and source in releases:
+        release = releases[source]  # versions only go down: this ends
+    return recall_source(release) or release.version
 
 
 @dataclass(frozen=True)
@@ -227,5 +255,5 @@ def recall(repo: Path, keydir: Path, boxes: Sequence[BoxView], *,
             release = publish_release_unlocked(
                 repo, keydir, rebuilt, expires=expires, rollout=rollout,
                 version_file=version_file, passphrase=passphrase, now=now, action="recall",
-                notes=f"recall of v{current.version}: the content of v{source.version}")
+                notes=RECALL_NOTES.format(recalled=current.version, source=source.version))
     return Recall(release, current, source)
