@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -88,3 +90,26 @@ def test_old_json_reports_with_hostile_box_ids_are_not_imported(tmp_path: Path) 
     assert import_json_reports(store, folder) == 1
     assert [r.box_id for r in store.latest()] == ["box-1"]
     assert sorted(p.name for p in folder.iterdir()) == ["a.json", "b.json", "c.json.imported"]
+
+
+def test_a_worker_opening_a_fresh_sqlite_store_while_another_migrates_waits(
+        tmp_path: Path) -> None:
+    """Two gunicorn workers on a fresh database: the one that finds the other inside its
+    first transaction used to fail at once ("database is locked": SQLite does not wait for
+    the switch to WAL), a 503 for the box whose report it had."""
+    path = tmp_path / "reports.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # the other worker, migrating (still journal mode)
+    other.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    timer = threading.Timer(0.5, other.execute, ("COMMIT",))
+    timer.start()
+    try:
+        store = open_store(f"sqlite:///{path}")
+    finally:
+        timer.join()
+        other.close()
+    assert store.report_count() == 0
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    store.close()

@@ -21,6 +21,7 @@ import contextlib
 import json
 import sqlite3
 import threading
+import time
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -261,7 +262,7 @@ def _sqlite_connect(path: Path) -> Callable[[], Any]:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None,
                                    check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _wal_mode(conn)
             # A 204 means on disk: the report, and the counter that refuses its replay.
             conn.execute("PRAGMA synchronous=FULL")
             path.chmod(0o600)
@@ -269,6 +270,21 @@ def _sqlite_connect(path: Path) -> Callable[[], Any]:
             raise StoreError(f"cannot open the report database {path}: {exc}") from None
         return conn
     return connect
+
+
+def _wal_mode(conn: sqlite3.Connection) -> None:
+    """Switch to WAL, waiting like any writer: SQLite does not call its busy handler for
+    this switch, so on a fresh database a second gunicorn worker that opened it while the
+    first was migrating failed at once ("database is locked", a 503 for the box)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _postgres_connect(url: str) -> Callable[[], Any]:
