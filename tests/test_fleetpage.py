@@ -233,3 +233,29 @@ def test_the_collector_serves_the_pages(tmp_path: Path) -> None:
     assert status == "200 OK" and parse(body).title == "Box " + SCRIPT
     assert get("/box/")[0].startswith("404") and get("/boxes")[0].startswith("404")
     assert get("/", "POST")[0].startswith("405") and get("/", "HEAD")[2] == b""
+
+
+def test_hostile_query_strings_get_a_page_never_an_error(tmp_path: Path) -> None:
+    """Repeated keys past the parser's field cap, huge and non-UTF-8 values, unicode:
+    the page is served (filters that make no sense are ignored), never a 500."""
+    url = "sqlite:///" + str(tmp_path / "reports.db")
+    store = open_store(url)
+    for record in fleet():
+        store.add(record)
+    store.close()
+    app = Collector(url, clock=lambda: NOW)
+
+    def get(query: str) -> tuple[str, bytes]:
+        seen: list[Any] = []
+        body = b"".join(app({"REQUEST_METHOD": "GET", "PATH_INFO": "/", "QUERY_STRING": query,
+                             "REMOTE_ADDR": "127.0.0.1"},
+                            lambda status, headers: seen.append(status)))
+        return seen[0], body
+
+    for query in ("&".join(["result=x"] * 51), "&" * 5000, ";".join(["a=1"] * 60),
+                  "result=" + "é" * 5000, "release=" + "9" * 5000, "release=%FF%FE",
+                  "result=%00%1b%5B2J", "channel=..%2F..%2Fetc&release=2&release=3"):
+        status, body = get(query)
+        assert status == "200 OK", (query[:40], status)
+        assert b"\x1b" not in body
+    assert sorted(boxes_of(parse(get("release=2&release=3")[1]))) == ["alpha", "echo"]

@@ -28,11 +28,11 @@ from datetime import datetime
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 from ..fsutil import utcnow
 from . import fleetweb
 from .common import PublishError, printable
+from .fleetpage import parse_query
 from .reports import REPORT_MAX_BYTES, RateLimiter, receive
 from .store import Store, collector_store_url, open_store
 
@@ -161,7 +161,7 @@ class Collector:
             return Response(404, b"not found\n")
         if method not in ("GET", "HEAD"):
             return Response(405, b"GET only\n", headers=(("Allow", "GET, HEAD"),))
-        query = parse_qs(str(environ.get("QUERY_STRING", ""))[:4096], max_num_fields=50)
+        query = parse_query(str(environ.get("QUERY_STRING", "")))
         return route(Request(method, path, query, client_address(environ), self.store,
                              self.clock(), self.repo))
 

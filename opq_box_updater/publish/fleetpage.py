@@ -54,6 +54,15 @@ def box_href(box_id: str) -> str:
     return "box/" + quote(box_id, safe="")
 
 
+def parse_query(query: str) -> dict[str, list[str]]:
+    """A page's query string, bounded (4 KiB, 50 fields); one past the bounds (``parse_qs``
+    raises for too many fields: repeated keys) selects nothing rather than failing."""
+    try:
+        return parse_qs(query[:4096], max_num_fields=50)
+    except ValueError:
+        return {}
+
+
 @dataclass(frozen=True)
 class Filters:
     """The list's filters from the query string; a value of the wrong form is ignored."""
@@ -64,7 +73,7 @@ class Filters:
 
     @classmethod
     def parse(cls, query: str) -> Filters:
-        return cls.from_query(parse_qs(query[:4096], max_num_fields=50))
+        return cls.from_query(parse_query(query))
 
     @classmethod
     def from_query(cls, args: Mapping[str, Sequence[str]]) -> Filters:
