@@ -473,3 +473,17 @@ def test_a_second_recall_never_brings_back_the_recalled_release(rolled: Path) ->
     again = stage.recall(rolled, keys_of(rolled), [], to_version=2,
                          now=NOW + timedelta(minutes=2))
     assert members(rolled / again.release.package.path)["update.sh"] == run_script(2)
+
+
+def test_boxes_claiming_a_version_never_published_cannot_carry_a_widen(rolled: Path) -> None:
+    """Forty boxes (new ids, their own keys: the collector learns keys on first use) report
+    an installed version the channel never published. Counted as updated they dilute the
+    stage's failure rate under 5 % and widen goes ahead; they must count as unknown."""
+    liars = [Rec(f"liar-{n}", NOW, report(f"liar-{n}", "updated", 2**62)) for n in range(40)]
+    boxes = bad_stage() + rollout.latest_views(liars)
+    before = tree_digest(rolled)
+    with pytest.raises(stage.UnhealthyRolloutError, match=r"2 of 5 boxes"):
+        stage.widen(rolled, keys_of(rolled), 50, boxes, now=NOW)
+    assert tree_digest(rolled) == before
+    [row, earlier] = stage.status(rolled, boxes, NOW)
+    assert (row.updated, row.failed, earlier.updated) == (3, 2, 10)

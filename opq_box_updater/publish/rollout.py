@@ -11,7 +11,8 @@ Definitions (docs/operations.md, "Rollout"):
   its newest report names (``version.json`` when it names none).
 * **in the bucket**: DESIGN 2.3's formula (:func:`~opq_box_updater.metadata.in_rollout`, the
   box's own function) at the release's current percentage.
-* **updated**: installed version ≥ the release's (any box of the channel).
+* **updated**: installed version ≥ the release's (any box of the channel); an installed
+  version above every version the channel published counts as unknown.
 * **failed**: not updated, and the release is in the box's ``failed_versions``, or the box's
   newest report, received since the release was first published, says ``apply-failed`` or
   ``refused``.
@@ -23,6 +24,7 @@ Definitions (docs/operations.md, "Rollout"):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -149,9 +151,15 @@ def is_failed(box: BoxView, release: ReleaseRef) -> bool:
     return box.result in FAILED_RESULTS and box.last_seen >= release.since
 
 
-def health(release: ReleaseRef, boxes: Sequence[BoxView], now: datetime) -> Health:
-    """The numbers of ``release`` over the known boxes (of every channel: filtered here)."""
-    mine = [b for b in boxes if b.channel == release.channel]
+def health(release: ReleaseRef, boxes: Sequence[BoxView], now: datetime,
+           newest: int | None = None) -> Health:
+    """The numbers of ``release`` over the known boxes (of every channel: filtered here).
+    ``newest`` is the highest version the channel has published: a box claiming to have
+    installed a higher one is wrong or lying, and its installed version counts as unknown
+    (else any number of such reports would dilute a stage's failure rate)."""
+    mine = [b if newest is None or b.installed is None or b.installed <= newest
+            else dataclasses.replace(b, installed=None)
+            for b in boxes if b.channel == release.channel]
     bucket = [b for b in mine if in_rollout(b.box_id, release.version, release.rollout)]
     updated = sum(1 for b in mine if is_updated(b, release.version))
     failed = sum(1 for b in mine if is_failed(b, release))

@@ -112,11 +112,12 @@ def status(repo: Path, boxes: Sequence[BoxView], now: datetime | None = None) ->
         if current is None:
             continue
         known = signed_releases(repo, path.name)
-        rows.append(health(release_ref(current, known), boxes, now))
+        newest = max([current.version, *(s.release.version for s in known)])
+        rows.append(health(release_ref(current, known), boxes, now, newest))
         earlier = [s for s in known if s.release.version < current.version][-EARLIER_SHOWN:]
         for item in reversed(earlier):
             ref = ReleaseRef(path.name, item.release.version, item.rollout, item.since)
-            rows.append(health(ref, boxes, now))
+            rows.append(health(ref, boxes, now, newest))
     return rows
 
 
@@ -143,7 +144,9 @@ def widen(repo: Path, keydir: Path, to: int, boxes: Sequence[BoxView], *,
             raise PublishError(f"{version_file} v{current.version} is already at "
                                f"{current.rollout_percent}%; widen goes up (to stop it: "
                                "opq-box-publish rollout halt)")
-        seen = health(release_ref(current, signed_releases(repo, version_file)), boxes, now)
+        known = signed_releases(repo, version_file)
+        newest = max([current.version, *(s.release.version for s in known)])
+        seen = health(release_ref(current, known), boxes, now, newest)
         why = widen_refusal(seen, max_failure_rate)
         if why is not None and not force:
             raise UnhealthyRolloutError(f"not widened: {why}; halt it (opq-box-publish "
