@@ -69,6 +69,7 @@ CRON_LINE = ("0 0 * * * /usr/bin/python3 /usr/local/bin/box_updater.py "
              ">> /var/log/opq/box_updater.log 2>&1 # run_updater")
 SITE_LINE = "30 6 * * * /usr/bin/test -d /var/opq # the site's own job"
 EARLIER_LOG = "2026-01-01 00:00:01 Box is up to date\n"
+LINKED_CONFIG = "/srv/opq-data/updater_config.json"
 
 
 def legacy_site(root: Path) -> Callable[[str], str]:
@@ -277,10 +278,19 @@ def check_failed_install_keeps_the_legacy_updater(world: World) -> None:
         "the original updater runs the bridge again next time"
 
     # Installed, but the new server does not answer: removed again, the config put back.
+    # The config is a link into the site's data partition here: the link stays a link.
+    config = world.root.file(CONFIG)
+    kept = world.root.file(LINKED_CONFIG)
+    kept.parent.mkdir(parents=True)
+    shutil.copy2(config, kept)
+    config.unlink()
+    config.symlink_to(os.path.relpath(kept, config.parent))
     world.bridge(url=world.new_url + "nothing-here/")
     log = world.legacy_cron_run()
     assert "FAILED: opq-box-updater check exited 4" in log, log
     assert f"removing again what this run installed: opq-box-updater {LIBRARY}" in log, log
+    assert config.is_symlink(), "the restored config replaced the administrator's link"
+    assert [p.name for p in config.parent.iterdir() if not p.is_dir()] == [config.name]
     state = world.legacy_state()
     assert state["updater"] == "config-files not-installed ", state["updater"]
     assert state == {**legacy, "updater": "config-files not-installed "}
@@ -288,6 +298,9 @@ def check_failed_install_keeps_the_legacy_updater(world: World) -> None:
     # The failed migration reported itself: the operators see it in the fleet table.
     [(_box, installed, result, *_)] = world.fleet()
     assert (installed, result) == ("0", "network-error"), world.fleet()
+    config.unlink()  # a plain file again for the rest of the scenario
+    shutil.copy2(kept, config)
+    shutil.rmtree(kept.parent)
 
 
 def check_one_legacy_run_migrates_the_box(world: World) -> bytes:

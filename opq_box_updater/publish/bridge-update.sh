@@ -108,12 +108,14 @@ os.replace(tmp, path)
 EOF
 }
 
-# Put the config file back as it was before this run (atomically).
+# Put the config file back as it was before this run (atomically). A symlinked config
+# stays a link: the file it points to is put back, as the postinst rewrites that one.
 restore_config() {
     [ -f "$SAVED_CONFIG" ] || return 0
-    if ! cmp -s "$SAVED_CONFIG" "$CONFIG"; then
-        cp -p "$SAVED_CONFIG" "$CONFIG.bridge-tmp" && sync "$CONFIG.bridge-tmp" &&
-            mv -f "$CONFIG.bridge-tmp" "$CONFIG" && log "restored $CONFIG"
+    target=$(readlink -f -- "$CONFIG") || target=$CONFIG
+    if ! cmp -s "$SAVED_CONFIG" "$target"; then
+        cp -p "$SAVED_CONFIG" "$target.bridge-tmp" && sync "$target.bridge-tmp" &&
+            mv -f "$target.bridge-tmp" "$target" && log "restored $CONFIG"
     fi
 }
 
