@@ -185,7 +185,7 @@ def test_a_conflict_is_kept_apart_until_the_operator_accepts_its_key(stack: Stac
 def test_the_fleet_page_through_nginx(stack: Stack) -> None:
     """The shipped snippet serves the fleet page at /fleet/ (from this machine only): the
     relative links reach a box's page below the prefix, and only GET passes."""
-    hostile = "<b>x</b>\x1b"
+    hostile = "<b>x</b>\u202e"  # a control character (ESC) is refused in box ids
     assert stack.post(signed_body(new_key(), hostile, 1, installed_version=4))[0] == 204
 
     def get(path: str, method: str = "GET") -> tuple[int, dict[str, str], str]:
@@ -200,8 +200,8 @@ def test_the_fleet_page_through_nginx(stack: Stack) -> None:
 
     status, headers, page = get("/fleet/?release=4")
     assert status == 200 and "default-src 'none'" in headers["Content-Security-Policy"]
-    assert '<a href="box/%3Cb%3Ex%3C%2Fb%3E%1B">&lt;b&gt;x&lt;/b&gt;\\x1b</a>' in page
-    status, _, page = get("/fleet/box/%3Cb%3Ex%3C%2Fb%3E%1B")
-    assert status == 200 and "<title>Box &lt;b&gt;x&lt;/b&gt;\\x1b</title>" in page
+    assert '<a href="box/%3Cb%3Ex%3C%2Fb%3E%E2%80%AE">&lt;b&gt;x&lt;/b&gt;\\u202e</a>' in page
+    status, _, page = get("/fleet/box/%3Cb%3Ex%3C%2Fb%3E%E2%80%AE")
+    assert status == 200 and "<title>Box &lt;b&gt;x&lt;/b&gt;\\u202e</title>" in page
     assert get("/fleet/", "POST")[0] == 403
     assert get("/box/x")[0] == 404  # only below /fleet/: the repository site's own 404
