@@ -16,7 +16,9 @@ delivers. DIR is treated as hostile, like a server:
   yields more or fewer bytes than its size, is a :class:`DownloadError` (exit 4): something
   is writing to DIR; run again when it has finished.
 * **Missing is 404.** A missing file is :class:`MissingFileError` (exit 4), what HTTP 404
-  is; a read error of a failing stick is a :class:`DownloadError` (exit 4).
+  is; an empty DIR (a mount point with nothing mounted) is a :class:`ConfigError` (exit 2),
+  like a DIR that does not exist; a read error of a failing stick is a
+  :class:`DownloadError` (exit 4).
 * **What is verified is what is applied.** The package is copied into the download
   directory as ``<sha256>.part`` (opened as the fetcher opens it), hashed while copied and
   renamed to ``<sha256>.zip`` only when length and SHA-256 match; extraction reads that copy,
@@ -71,6 +73,15 @@ class LocalSource:
             raise ConfigError(f"--from {directory}: {exc.strerror}; give the directory the "
                               "stick is mounted on (mount -o ro,nodev,nosuid,noexec "
                               "/dev/sda1 /mnt/usb)") from None
+        try:
+            empty = not os.listdir(self._fd)
+        except OSError:
+            empty = False  # reading it fails again, with the file's own message
+        if empty:  # a mount point with nothing mounted: not "an incomplete copy" (exit 4)
+            self.close()
+            raise ConfigError(f"--from {directory}: the directory is empty; is the stick "
+                              "mounted? (mount -o ro,nodev,nosuid,noexec /dev/sda1 "
+                              "/mnt/usb)")
         if progress is None:
             progress = sys.stderr is not None and sys.stderr.isatty()
         self._progress = progress

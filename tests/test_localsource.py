@@ -86,6 +86,13 @@ def test_a_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
     refused(exc, 2, "not-mounted", "mount -o ro,nodev,nosuid,noexec")
 
 
+def test_an_empty_directory_is_a_stick_not_mounted(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    with pytest.raises(ConfigError) as exc:
+        LocalSource(tmp_path / "mnt")
+    refused(exc, 2, "the directory is empty; is the stick mounted?", "mount -o ro,nodev")
+
+
 @pytest.mark.parametrize("relpath", ["version.json", "root/2.root.json", PKG])
 def test_a_missing_file_is_what_404_is(stick: Path, dest: Path, relpath: str) -> None:
     (stick / relpath).unlink(missing_ok=True)

@@ -265,6 +265,13 @@ def test_an_incomplete_stick_is_exit_4_like_a_404(usb: Usb, missing: str) -> Non
 def test_a_stick_path_that_does_not_exist_is_a_usage_error(usb: Usb) -> None:
     proc = usb.offline("check", expect=2, stick=usb.tmp / "not-mounted")
     assert "not-mounted" in proc.stderr and "mount -o" in proc.stderr
+    # The mount point exists, nothing is mounted on it: the same, not "an incomplete copy".
+    usb.sim.publish(1)
+    (usb.tmp / "mnt").mkdir()
+    before = usb.box.digest()
+    proc = usb.offline("run", expect=2, stick=usb.tmp / "mnt")
+    assert "is the stick mounted?" in proc.stderr
+    assert usb.box.digest() == before
 
 
 def test_box_reads_the_stick_it_is_given_not_the_server(usb: Usb, tmp_path: Path) -> None:
