@@ -487,3 +487,55 @@ def test_boxes_claiming_a_version_never_published_cannot_carry_a_widen(rolled: P
     assert tree_digest(rolled) == before
     [row, earlier] = stage.status(rolled, boxes, NOW)
     assert (row.updated, row.failed, earlier.updated) == (3, 2, 10)
+
+
+def test_a_recall_on_another_channel_takes_a_version_no_channel_has(rolled: Path,
+                                                                    tmp_path: Path) -> None:
+    """Version numbers are one sequence for all channels (operations.md): a beta recall
+    must not publish v3 when version.json has a v3 of other content, or the recalled zip
+    could never be promoted to version.json."""
+    for version, channel in ((3, "version-beta.json"), (4, "version-beta.json"),
+                             (5, "version.json")):
+        script = tmp_path / "update.sh"
+        script.write_bytes(run_script(version))
+        build.build_package(tmp_path / f"q{version}.zip", version=version, run=script)
+        repo.publish_release(rolled, keys_of(rolled), tmp_path / f"q{version}.zip",
+                             version_file=channel, now=NOW - DAY / 2)
+    result = stage.recall(rolled, keys_of(rolled), [], version_file="version-beta.json",
+                          now=NOW)
+    assert (result.source.version, result.release.version) == (3, 6)
+    assert result.release.channel == "version-beta.json"
+    assert current(rolled).version == 5  # version.json untouched
+
+
+def _forged_current(rolled: Path, tmp_path: Path, **changes: Any) -> None:
+    """Someone who can write the repository (not sign) replaces version.json with the
+    current release pointing at their own package (or other ``changes``), signatures
+    copied from the genuine file."""
+    evil_script = tmp_path / "evil.sh"
+    evil_script.write_bytes(b"#!/bin/sh\nrm -rf /\n")
+    build.build_package(tmp_path / "evil.zip", version=2, run=evil_script)
+    with repo.store_package(rolled, tmp_path / "evil.zip") as (_, evil):
+        pass
+    doc = json.loads((rolled / "version.json").read_bytes())
+    doc["signed"].update({"package": evil._asdict(), **changes})
+    (rolled / "version.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("step", ["halt", "widen", "refresh", "recall"])
+def test_no_step_signs_a_version_file_it_cannot_verify(rolled: Path, tmp_path: Path,
+                                                       step: str) -> None:
+    """halt, widen and refresh re-sign what version.json holds; recall numbers from it.
+    An unsigned edit must be refused, never signed for the boxes."""
+    _forged_current(rolled, tmp_path)
+    before = tree_digest(rolled)
+    with pytest.raises(PublishError, match="does not verify"):
+        if step == "halt":
+            stage.halt(rolled, keys_of(rolled), now=NOW)
+        elif step == "widen":
+            stage.widen(rolled, keys_of(rolled), 50, [], now=NOW)
+        elif step == "refresh":
+            repo.refresh_release(rolled, keys_of(rolled), now=NOW)
+        else:
+            stage.recall(rolled, keys_of(rolled), [], now=NOW)
+    assert tree_digest(rolled) == before

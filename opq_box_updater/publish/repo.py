@@ -154,15 +154,27 @@ def load_chain(repo: Path, anchor: bytes | None = None) -> list[Root]:
     return chain
 
 
-def read_release(repo: Path, version_file: str) -> Release | None:
-    """The release currently in ``version_file`` (structure only, signatures not checked);
-    ``None`` when there is none yet."""
+def read_release(repo: Path, version_file: str, root: Root | None = None) -> Release | None:
+    """The release currently in ``version_file``; ``None`` when there is none yet. With
+    ``root``, only when a threshold of its release keys signed it (expiry aside), else
+    :class:`PublishError`: a step that re-signs or numbers from it must not take an edit by
+    someone who can write the repository but not sign (it would sign their package)."""
     path = repo / check_version_file_name(version_file)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
-    return parse_release(parse_envelope(data))
+    if root is None:
+        return parse_release(parse_envelope(data))
+    try:
+        envelope = parse_envelope(data)
+        release = parse_release(envelope)
+        verify_role(envelope, root, "release", version_file)
+    except RepositoryError as exc:
+        raise PublishError(f"{version_file} does not verify with root v{root.version}'s "
+                           f"release keys ({exc}); nothing was signed: restore it, or "
+                           "publish a release with --force") from None
+    return release
 
 
 # --- writing documents ---------------------------------------------------------------------
@@ -412,7 +424,7 @@ def refresh_release_unlocked(
         raise PublishError(f"rollout must be between 0 and 100, not {rollout}")
     root = load_chain(repo)[-1]
     _check_root_usable(root, now)
-    current = _current_release(repo, version_file, force=False)
+    current = read_release(repo, version_file, root)
     if current is None:
         raise PublishError(f"{repo / version_file} does not exist; publish a release first")
     issued = max(now, current.issued + _ONE_SECOND)

@@ -18,6 +18,7 @@ sha256 and length: the history file is not trusted.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import tempfile
@@ -47,6 +48,8 @@ from .rollout import (
     health,
     widen_refusal,
 )
+
+logger = logging.getLogger(__name__)
 
 #: Earlier releases ``rollout status`` shows per channel besides the current one.
 EARLIER_SHOWN = 3
@@ -122,7 +125,8 @@ def status(repo: Path, boxes: Sequence[BoxView], now: datetime | None = None) ->
 
 
 def _current(repo: Path, version_file: str) -> Release:
-    current = read_release(repo, version_file)
+    """The channel's current release, verified: widen, halt and recall sign from it."""
+    current = read_release(repo, version_file, load_chain(repo)[-1])
     if current is None:
         raise PublishError(f"{repo / version_file} does not exist; publish a release first")
     return current
@@ -216,6 +220,21 @@ def _content(release: Release, releases: dict[int, Release]) -> int:
     return recall_source(release) or release.version
 
 
+def _above_every_channel(repo: Path, versions: list[int]) -> int:
+    """One above ``versions`` and every signed version of every channel: version numbers
+    are one sequence for all channels (a recalled zip can be promoted like any other)."""
+    root = load_chain(repo)[-1]
+    for path in version_files(repo):
+        try:
+            release = read_release(repo, path.name, root)
+        except PublishError as exc:  # an unsigned edit: its number counts for nothing
+            logger.warning("%s", exc)
+            release = None
+        versions += [release.version] if release else []
+        versions += [s.release.version for s in signed_releases(repo, path.name)]
+    return max(versions) + 1
+
+
 @dataclass(frozen=True)
 class Recall:
     """What :func:`recall` published."""
@@ -238,7 +257,8 @@ def recall(repo: Path, keydir: Path, boxes: Sequence[BoxView], *,
         known = signed_releases(repo, version_file)
         usable = signed_releases(repo, version_file, current_keys=True)
         source = last_good(current, usable, boxes, to_version).release
-        version = max([current.version, *(s.release.version for s in known)]) + 1
+        version = _above_every_channel(repo, [current.version,
+                                              *(s.release.version for s in known)])
         with tempfile.TemporaryDirectory(prefix="opq-publish-recall-") as tmp:
             # Checked and rebuilt from one private copy: a file in the repository could be
             # swapped between the check and the rebuild.
