@@ -276,14 +276,17 @@ def assert_no_terminal_controls(text: str) -> None:
 
 def test_fleet_escapes_control_characters_from_reports(
         server: Server, repo_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    report = {"box_id": f"box{ESCAPES}", "installed_version": f"7{ESCAPES}",
+    # A box id with control characters is refused (400); format characters (bidi) pass.
+    refused = {"box_id": f"box{ESCAPES}", "last_result": "updated"}
+    assert server.request("POST", "/report", json.dumps(refused).encode())[0] == 400
+    report = {"box_id": "box\u202e\u200b", "installed_version": f"7{ESCAPES}",
               "last_result": f"updated{ESCAPES}", "last_message": f"fine{ESCAPES}"}
     assert server.request("POST", "/report", json.dumps(report).encode())[0] == 204
     assert cli.main(["fleet", str(repo_dir)]) == 0
     out = capsys.readouterr().out
     assert_no_terminal_controls(out)
     row = out.splitlines()[1]
-    assert row.startswith("box\\x1b]0;owned\\x07\\x1b[2J") and "\\u202e" in row, row
+    assert row.startswith("box\\u202e\\u200b") and "7\\x1b]0;owned\\x07" in row, row
     assert "updated\\x1b" in row and "fine\\x1b" in row
 
 
