@@ -17,7 +17,7 @@ import pytest
 from opq_box_updater import reporting
 from opq_box_updater.publish.collector import Collector
 from opq_box_updater.publish.reports import RateLimiter, receive
-from opq_box_updater.publish.store import import_json_reports, open_store
+from opq_box_updater.publish.store import SqlStore, import_json_reports, open_store
 
 NOW = datetime(2031, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -113,3 +113,51 @@ def test_a_worker_opening_a_fresh_sqlite_store_while_another_migrates_waits(
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
     store.close()
+
+
+def test_the_page_and_boxes_list_read_a_bounded_number_of_conflicts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Anyone can sign conflicts (a new key per report escapes the rate limit): up to 100
+    per box id. The page and ``boxes list`` read every one of them on each view; they now
+    read the newest few and count the rest."""
+    from opq_box_updater.publish import fleet, fleetpage
+    from opq_box_updater.publish.cli import main
+    from opq_box_updater.publish.store import CONFLICT, ReportRecord
+
+    url = f"sqlite:///{tmp_path}/reports.db"
+    store = open_store(url)
+    assert isinstance(store, SqlStore)
+    assert receive(store, signed("box-1"), "192.0.2.9", NOW, RateLimiter()).status == 204
+    many = fleet.CONFLICTS_LISTED + 5
+    for n in range(many):
+        store.add(ReportRecord("box-1", NOW, "192.0.2.66", {"last_result": f"forged {n}"},
+                               CONFLICT, f"{n:064x}", 1, NOW, "00" * 32))
+    largest: list[int] = []
+    read = store._read
+
+    def counting(sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        rows = read(sql, args)
+        largest.append(len(rows))
+        return rows
+
+    store._read = counting  # type: ignore[method-assign]
+    app = Collector(url, clock=lambda: NOW)
+    app._store = store
+    status, page = get_page(app, "/")
+    assert status == 200 and f"{many} conflicting reports" in page
+    assert page.count("forged ") == fleetpage.CONFLICTS_SHOWN and f"forged {many - 1}" in page
+    assert max(largest) <= fleetpage.CONFLICTS_SHOWN
+    store.close()
+    assert main(["boxes", "list", "--store", url]) == 0
+    out = capsys.readouterr().out
+    assert f"{many} conflict(s), the newest {fleet.CONFLICTS_LISTED} shown" in out
+    assert out.count(" key 0000") == fleet.CONFLICTS_LISTED
+
+
+def get_page(app: Collector, path: str) -> tuple[int, str]:
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "",
+               "REMOTE_ADDR": "192.0.2.9", "wsgi.input": io.BytesIO(b"")}
+    answer: list[int] = []
+    body = b"".join(app(environ, lambda status, headers: answer.append(
+        int(status.split()[0]))))
+    return answer[0], body.decode("utf-8")

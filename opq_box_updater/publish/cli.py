@@ -220,7 +220,7 @@ def _store(args: argparse.Namespace) -> store.Store:
 def cmd_fleet(args: argparse.Namespace) -> int:
     opened = _store(args)
     sys.stdout.write(fleet.format_fleet(fleet.fleet_rows(opened)))
-    conflicts = len(opened.conflicts())
+    conflicts = opened.conflict_count()
     if conflicts:
         print(f"{PROG}: warning: {conflicts} conflicting report(s), not shown above: "
               "see opq-box-publish boxes list", file=sys.stderr)
@@ -233,7 +233,9 @@ def cmd_boxes(args: argparse.Namespace) -> int:
                            "boxes reject BOX | boxes rekey BOX")
     opened = _store(args)
     if args.action == "list":
-        sys.stdout.write(fleet.format_boxes(opened.boxes(), opened.conflicts()))
+        sys.stdout.write(fleet.format_boxes(
+            opened.boxes(), opened.conflicts(limit=fleet.CONFLICTS_LISTED),
+            opened.conflict_count()))
         return EXIT_OK
     if args.action == "accept":
         box = opened.accept(args.box, args.key)

@@ -61,10 +61,17 @@ def format_fleet(rows: list[FleetRow]) -> str:
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
-def format_boxes(boxes: list[BoxRecord], conflicts: list[ReportRecord]) -> str:
+#: Conflicts ``boxes list`` shows, newest first (anyone can sign them: up to 100 per box).
+CONFLICTS_LISTED = 1000
+
+
+def format_boxes(boxes: list[BoxRecord], conflicts: list[ReportRecord],
+                 conflict_count: int | None = None) -> str:
     """``boxes list``: BOX, STATE, KEY (the first 16 digits of its id), COUNTER, LAST SEEN;
-    then every conflict (a report signed by another key than the box's), newest first,
-    with the full key id to give to ``boxes accept BOX --key KEYID``."""
+    then the conflicts given (reports signed by another key than the box's), newest first,
+    with the full key id to give to ``boxes accept BOX --key KEYID``; ``conflict_count``
+    is how many there are (default: ``len(conflicts)``)."""
+    total = len(conflicts) if conflict_count is None else conflict_count
     header = ("BOX", "STATE", "KEY", "COUNTER", "LAST SEEN")
     table = [header] + [tuple(printable(cell) for cell in (
         b.box_id, b.state, (b.key_id or "-")[:16], str(b.counter), format_time(b.last_seen)))
@@ -72,8 +79,9 @@ def format_boxes(boxes: list[BoxRecord], conflicts: list[ReportRecord]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in table]
-    if conflicts:
-        lines += ["", f"{len(conflicts)} conflict(s): reports signed by another key than "
+    if total:
+        shown = "" if total == len(conflicts) else f", the newest {len(conflicts)} shown"
+        lines += ["", f"{total} conflict(s){shown}: reports signed by another key than "
                   "the box id is known by (never merged; accept a key with: "
                   "opq-box-publish boxes accept BOX --key KEYID)"]
         lines += [f"  {printable(c.box_id)}  key {c.key_id}  counter {c.counter}  received "

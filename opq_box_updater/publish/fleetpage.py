@@ -33,6 +33,8 @@ HEADERS = (("Content-Type", "text/html; charset=utf-8"),
            ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
            ("Cache-Control", "no-store"))
 MAX_TEXT = 200  # characters of a box-sent string shown in a table cell
+#: The newest conflicts the page shows (the count says how many there are).
+CONFLICTS_SHOWN = 200
 _STYLE = """body{font-family:sans-serif;margin:1em 2em}table{border-collapse:collapse;
 margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:.2em .5em;text-align:left;
 vertical-align:top}td.n{text-align:right}.stale{color:#a00;font-weight:bold}
@@ -145,15 +147,20 @@ def _filter_form(filters: Filters, boxes: Sequence[BoxView]) -> str:
 
 
 def fleet_page(records: Sequence[Record], health_rows: Sequence[Health],
-               conflicts: Sequence[Any], filters: Filters, now: datetime) -> bytes:
+               conflicts: Sequence[Any], filters: Filters, now: datetime,
+               conflict_count: int | None = None) -> bytes:
     """``/``: the rollouts, the filtered boxes and the conflicts. ``records`` are the newest
-    report of each box (the store's ``latest()``), ``conflicts`` the store's ``conflicts()``."""
+    report of each box (the store's ``latest()``), ``conflicts`` the newest of the store's
+    ``conflicts()`` (:data:`CONFLICTS_SHOWN` are shown) and ``conflict_count`` how many
+    there are (default: ``len(conflicts)``)."""
+    if conflict_count is None:
+        conflict_count = len(conflicts)
     boxes = [box_view(r) for r in records]
     kept = [b for b in boxes if filters.keep(b)]
     current = {h.release.channel: h.release for h in reversed(health_rows)}
     stale = sum(1 for b in boxes if b.stale(now))
     body = [f"<h1>OPQ Box fleet</h1>\n<p>{len(boxes)} boxes, {stale} stale (no report for "
-            f"more than two days), {len(conflicts)} conflicting reports; "
+            f"more than two days), {conflict_count} conflicting reports; "
             f"{html.escape(format_time(now))}</p>",
             rollout_section(health_rows), "<h2>Boxes</h2>", _filter_form(filters, boxes),
             f'<p class="count">{len(kept)} of {len(boxes)} boxes shown</p>']
@@ -177,7 +184,7 @@ def fleet_page(records: Sequence[Record], health_rows: Sequence[Health],
         _td(html.escape(format_time(c.received))), _td(shown(c.remote)),
         _td(shown(c.key_id or "-")),
         _td(shown(c.report.get("last_result") if isinstance(c.report, Mapping) else "?"))]
-        for c in conflicts[:200]], "conflicts"))
+        for c in conflicts[:CONFLICTS_SHOWN]], "conflicts"))
     return _page("OPQ Box fleet", body)
 
 

@@ -37,8 +37,10 @@ def fleet(store: Store, query: Mapping[str, Sequence[str]], repo: Path | None,
     """``/``: rollouts, the boxes the filters of the parsed query string select,
     conflicts."""
     latest = store.latest()
-    page = fleetpage.fleet_page(latest, _health(repo, latest, now), store.conflicts(),
-                                fleetpage.Filters.from_query(query), now)
+    page = fleetpage.fleet_page(latest, _health(repo, latest, now),
+                                store.conflicts(limit=fleetpage.CONFLICTS_SHOWN),
+                                fleetpage.Filters.from_query(query), now,
+                                conflict_count=store.conflict_count())
     return 200, page, fleetpage.HEADERS
 
 

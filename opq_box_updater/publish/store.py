@@ -152,8 +152,11 @@ class Store(Protocol):
     def history(self, box_id: str, limit: int = 100) -> list[ReportRecord]:
         """The box's reports of every status, newest first."""
 
-    def conflicts(self) -> list[ReportRecord]:
-        """Every report stored as a conflict, newest first."""
+    def conflicts(self, limit: int | None = None) -> list[ReportRecord]:
+        """Reports stored as conflicts, newest first (at most ``limit``)."""
+
+    def conflict_count(self) -> int:
+        """How many reports are stored as conflicts."""
 
     def report_count(self) -> int:
         """How many reports are stored (all statuses)."""
@@ -480,10 +483,17 @@ class SqlStore:
                           "ORDER BY id DESC LIMIT ?", (box_id, limit))
         return [_record(row) for row in rows]
 
-    def conflicts(self) -> list[ReportRecord]:
-        rows = self._read(f"SELECT {_COLUMNS} FROM reports WHERE status = ? ORDER BY id DESC",
-                          (CONFLICT,))
+    def conflicts(self, limit: int | None = None) -> list[ReportRecord]:
+        # Up to MAX_CONFLICTS per box id, and anyone can make keys: the page and the
+        # operator's table read a bounded number (they loaded every one on each view).
+        rows = self._read(f"SELECT {_COLUMNS} FROM reports WHERE status = ? ORDER BY id DESC "
+                          "LIMIT ?", (CONFLICT, -1 if limit is None and not self._postgres
+                                      else limit))
         return [_record(row) for row in rows]
+
+    def conflict_count(self) -> int:
+        return int(self._read("SELECT COUNT(*) FROM reports WHERE status = ?",
+                              (CONFLICT,))[0][0])
 
     def report_count(self) -> int:
         """How many reports are stored (all statuses)."""
