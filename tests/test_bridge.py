@@ -257,3 +257,19 @@ def test_an_encrypted_legacy_key_needs_its_passphrase(inputs: dict[str, Path],
     proc = publish(*args, "--legacy-key-passphrase-file", secret)
     assert proc.returncode == 0, proc.stderr
     assert "Verified OK" in legacy_check(legacy)[1]
+
+
+def test_the_trial_run_of_the_checklist_is_the_cron_line() -> None:
+    """docs/migration.md's by-hand run of the original updater is the deployed cron line's
+    command (its output appended to the log the checklist then reads) in cron's
+    environment, as test_bridge_install.py runs it."""
+    from test_bridge_install import CRON_LINE
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "migration.md").read_text()
+    step = doc.split("**Try one box first.**", 1)[1].split("**Publish the bridge**", 1)[0]
+    block = step.split("```sh", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    words = shlex.split(block.splitlines()[1])
+    assert words[:7] == ["env", "-i", "PATH=/usr/bin:/bin", "HOME=/root", "SHELL=/bin/sh",
+                         "LOGNAME=root", "/bin/sh"], words
+    command = CRON_LINE.split(None, 5)[5].removesuffix(" # run_updater")
+    assert words[7:] == ["-c", command]
