@@ -200,5 +200,25 @@ def test_the_cli_says_until_when_the_stick_works_and_how_to_use_it(
     assert cli.main(["export", str(sim.path), str(tmp_path / "stick")]) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert "exported release v1 of version.json" in out and "root v1..v2" in out
-    assert "mount -o ro,nodev,nosuid,noexec /dev/sda1 /mnt/usb" in out
+    assert "mkdir -p /mnt/usb; mount -o ro,nodev,nosuid,noexec /dev/sda1 /mnt/usb" in out
     assert f"until {sim.current().expires:%Y-%m-%dT%H:%M:%SZ}" in out  # type: ignore[union-attr]
+
+
+def test_the_stick_steps_of_the_docs_make_their_mount_points() -> None:
+    """operations.md's stick steps, followed literally on a fresh Debian 12 (whose /mnt is
+    empty and which has no /media/usb): each mount point is made before it is mounted on."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    section = doc.split("## Updates without a network (USB stick)", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```sh\n")[1:]]
+    assert len(blocks) == 2, blocks
+    for block in blocks:
+        made: set[str] = set()
+        mounted = []
+        for line in block.splitlines():
+            words = line.split("#", 1)[0].split()
+            if words[:2] == ["mkdir", "-p"]:
+                made.update(words[2:])
+            elif words[:1] == ["mount"]:
+                mounted.append(words[-1])
+                assert words[-1] in made, f"{words[-1]} is not made before: {line}"
+        assert mounted, block

@@ -180,8 +180,9 @@ def cmd_export(args: argparse.Namespace) -> int:
          f"bytes); {len(result.written)} file(s) written, the copy verifies")
     _out(f"boxes take this copy until {format_time(release.expires)} (the release's expiry);"
          " after that refresh and export again")
-    _out(f"on a box: mount -o ro,nodev,nosuid,noexec /dev/sda1 /mnt/usb; opq-box-updater run "
-         f"--from /mnt/usb; umount /mnt/usb (its version_file must be {args.version_file})")
+    _out("on a box: mkdir -p /mnt/usb; mount -o ro,nodev,nosuid,noexec /dev/sda1 /mnt/usb; "
+         "opq-box-updater run --from /mnt/usb; umount /mnt/usb (its version_file must be "
+         f"{args.version_file})")
     return EXIT_OK
 
 
