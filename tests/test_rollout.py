@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from conftest import tree_digest
 
+from opq_box_updater.errors import RepositoryError
 from opq_box_updater.metadata import Floors, parse_envelope, parse_release, verify_release
 from opq_box_updater.publish import build, cli, history, repo, rollout, stage
 from opq_box_updater.publish.common import PublishError
@@ -539,3 +540,16 @@ def test_no_step_signs_a_version_file_it_cannot_verify(rolled: Path, tmp_path: P
         else:
             stage.recall(rolled, keys_of(rolled), [], now=NOW)
     assert tree_digest(rolled) == before
+
+
+def test_a_rotation_does_not_re_sign_a_version_file_it_cannot_verify(
+        rolled: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``rotate`` re-signs every version file for the new root: an unsigned edit is left
+    as it is (boxes refuse it), never signed with the new keys."""
+    _forged_current(rolled, tmp_path)
+    forged = (rolled / "version.json").read_bytes()
+    repo.rotate_role(rolled, keys_of(rolled), "release", now=NOW)
+    assert (rolled / "version.json").read_bytes() == forged
+    assert "version.json does not verify" in caplog.text
+    with pytest.raises(RepositoryError):
+        box_accepts(rolled, current(rolled))

@@ -547,7 +547,7 @@ def rotate_role(repo: Path, keydir: Path, role: str, *, add: Sequence[str] = (),
     signers = _root_signers(store, current, new, generated)
     data = envelope_bytes(signed, signers)
     new = verify_next_root(current, data)  # what we write, a box accepts
-    releases = _resign_plan(repo, new, store, generated, now)
+    releases = _resign_plan(repo, current, new, store, generated, now)
     for keyid, key in generated.items():
         store.store(key, role)
         logger.info("generated %s key %s in %s", role, keyid, keydir)
@@ -579,16 +579,19 @@ def _root_signers(store: KeyStore, old: Root, new: Root,
     return list(unique.values())
 
 
-def _resign_plan(repo: Path, root: Root, store: KeyStore,
+def _resign_plan(repo: Path, trusted: Root, root: Root, store: KeyStore,
                  generated: dict[str, Ed25519PrivateKey],
                  now: datetime) -> list[tuple[Path, bytes]]:
-    """The re-signed bytes of every version file for ``root`` (nothing written yet)."""
+    """The re-signed bytes of every version file ``trusted``'s release keys signed, for
+    ``root`` (nothing written yet); one they did not sign is left as it is."""
     plan: list[tuple[Path, bytes]] = []
     for path in version_files(repo):
         try:
-            old = parse_release(parse_envelope(path.read_bytes()))
-        except (RepositoryError, OSError) as exc:
-            logger.warning("%s is unreadable (%s); not re-signed", path.name, exc)
+            old = read_release(repo, path.name, trusted)
+        except (PublishError, OSError) as exc:
+            logger.warning("%s is unreadable or unsigned (%s); not re-signed", path.name, exc)
+            continue
+        if old is None:
             continue
         signed = release_signed(
             version=old.version, root_version=root.version, channel=path.name,
