@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
 import zipfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -553,3 +555,25 @@ def test_a_rotation_does_not_re_sign_a_version_file_it_cannot_verify(
     assert "version.json does not verify" in caplog.text
     with pytest.raises(RepositoryError):
         box_accepts(rolled, current(rolled))
+
+
+def test_a_history_that_is_no_regular_file_is_not_read(rolled: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A FIFO (or a link to /dev/zero) as .history.jsonl, by someone who can write the
+    repository: ``rollout status`` and the collector's fleet page read the history; they
+    must not block for ever or read without end."""
+    path = history.history_path(rolled)
+    path.unlink()
+    os.mkfifo(path)
+    found: list[list[history.Entry]] = []
+    reader = threading.Thread(target=lambda: found.append(history.entries(rolled)),
+                              daemon=True)
+    reader.start()
+    reader.join(timeout=20)
+    if reader.is_alive():  # unblock it before failing
+        os.close(os.open(path, os.O_WRONLY))
+        reader.join()
+    assert found == [[]] and "not a regular file" in caplog.text
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    assert history.entries(rolled) == []

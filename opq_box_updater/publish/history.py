@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -98,13 +99,25 @@ def entries(repo: Path, channel: str | None = None) -> list[Entry]:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """The file's lines, each read bounded: only a regular file (no symlink: a link to
+    /dev/zero, a FIFO, would read without end or block the collector's page for ever)."""
     try:
-        handle = path.open("rb")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return
-    with handle:
-        for number, raw in enumerate(handle, 1):
+    except OSError as exc:  # ELOOP: a symbolic link
+        logger.warning("%s is not read (%s)", HISTORY_FILE, exc)
+        return
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            logger.warning("%s is not a regular file; not read", HISTORY_FILE)
+            return
+        number = 0
+        while raw := handle.readline(MAX_LINE + 1):
+            number += 1
             if len(raw) > MAX_LINE or not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # skip the rest of a long line
+                    raw = handle.readline(MAX_LINE + 1)
                 logger.warning("%s line %d is torn or too long; skipped", HISTORY_FILE, number)
                 continue
             yield number, raw
