@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-import shutil
+import stat
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -220,6 +221,19 @@ def _content(release: Release, releases: dict[int, Release]) -> int:
     return recall_source(release) or release.version
 
 
+def _copy_package(src: Path, dest: Path, length: int) -> None:
+    """Copy at most ``length`` + 1 bytes of the regular file ``src`` (not through a symlink:
+    a link to /dev/zero would copy without end; a FIFO would block)."""
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fin, dest.open("wb") as fout:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{src} is not a regular file")
+        left = length + 1  # one byte past the signed length: a longer file fails the check
+        while left and (chunk := fin.read(min(left, 1 << 20))):
+            fout.write(chunk)
+            left -= len(chunk)
+
+
 def _above_every_channel(repo: Path, versions: list[int]) -> int:
     """One above ``versions`` and every signed version of every channel: version numbers
     are one sequence for all channels (a recalled zip can be promoted like any other)."""
@@ -264,7 +278,7 @@ def recall(repo: Path, keydir: Path, boxes: Sequence[BoxView], *,
             # swapped between the check and the rebuild.
             package = Path(tmp) / "source.zip"
             try:
-                shutil.copyfile(repo / source.package.path, package)
+                _copy_package(repo / source.package.path, package, source.package.length)
                 intact = sha256_file(package) == (source.package.sha256,
                                                   source.package.length)
             except OSError:
