@@ -46,7 +46,8 @@ KEEP_OTHER_VERSIONS = 1
 
 #: The packages the updater runs from (debian/control). apt never removes them for a
 #: release, whatever its ``apt_allow_remove`` says: a box without its updater takes no
-#: further release, not even the one that would put it back.
+#: further release, not even the one that would put it back (a guard against mistakes and
+#: apt's dependency resolution; a release's run script runs as root anyway).
 UPDATER_PACKAGES = frozenset({"opq-box-updater", "python3-opq-box-updater"})
 
 
