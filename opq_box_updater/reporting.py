@@ -24,6 +24,7 @@ only a plausibility check for the collector: box clocks are often wrong.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -41,6 +42,10 @@ KEY_NAME = "report_key.pem"
 COUNTER_NAME = "report_counter"
 DEFAULT_STATE_DIR = Path("/var/lib/opq-box-updater")
 MAX_COUNTER = 2**62  # far beyond any fleet's life; keeps the number a BIGINT everywhere
+#: JSON-encoded bytes of one text field of a report (the message and the error carry a run
+#: script's output line, up to 4000 characters): the collector refuses reports over 16 KiB,
+#: and a failed run's report, the one the rollout health needs, was the one that grew.
+MAX_TEXT_BYTES = 3000
 
 
 class ReportKeyError(Exception):
@@ -134,10 +139,38 @@ def sign_report(report: dict[str, Any], box_id: str, key: Ed25519PrivateKey, cou
     return envelope
 
 
+def clip_text(text: str, limit: int = MAX_TEXT_BYTES) -> str:
+    """``text`` cut in the middle (its start and its end kept) to at most ``limit`` bytes
+    as JSON with ASCII escapes (how the report is sent: "É" costs 6, an emoji 12), lone
+    surrogates replaced (they have no canonical bytes: the report could not be signed)."""
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    if len(json.dumps(text)) <= limit:
+        return text
+    budget = limit - 2 - 40  # the quotes and the marker
+    head = _fitting(text, budget // 3)
+    tail = _fitting(text[::-1], budget - budget // 3)
+    cut = len(text) - head - tail
+    return f"{text[:head]} [...{cut} characters cut...] {text[len(text) - tail:]}"
+
+
+def _fitting(chars: str, budget: int) -> int:
+    """How many of ``chars``, from the start, fit in ``budget`` bytes of JSON."""
+    used = count = 0
+    for char in chars:
+        used += len(json.dumps(char)) - 2
+        if used > budget:
+            break
+        count += 1
+    return count
+
+
 def signed_report(state_dir: Path, report: dict[str, Any], box_id: str,
                   now: datetime) -> dict[str, Any]:
-    """Load (or make) the key, bump the counter, sign: what the box sends."""
+    """Load (or make) the key, bump the counter, sign: what the box sends, its text fields
+    bounded (:func:`clip_text`) so that the collector takes it."""
     key = load_or_make_key(state_dir)
+    report = {name: clip_text(value) if isinstance(value, str) else value
+              for name, value in report.items()}
     return sign_report(report, box_id, key, next_counter(state_dir), now)
 
 

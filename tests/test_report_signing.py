@@ -121,6 +121,40 @@ def test_the_counter_is_spent_even_when_the_report_is_lost(tmp_path: Path,
     assert signed["box_id"] == signed["report"]["box_id"] == "test-box"
 
 
+def test_a_failed_run_with_long_localized_output_still_reports(
+        tmp_path: Path, box_factory: BoxFactory) -> None:
+    """The run script's last output line goes into the message and the error (up to 4000
+    characters each); sent as ASCII-escaped JSON, 1000 x "Échec" made a 16.9 KB report,
+    which the collector refused (413): the failure never reached the rollout health. The
+    box now cuts long text in the middle, keeping both ends."""
+    sim = RepoSim(tmp_path / "repo")
+    run = "#!/bin/sh\nfor i in $(seq 1000); do printf 'Échec'; done\necho ' fin'\nexit 1\n"
+    sim.publish(1, package=RepoSim.make_package(1, run=run.encode()))
+    with FaultServer(sim.path) as server:
+        box = box_factory(server.url, sim.anchor, report_url=f"{server.url}/report")
+        assert box.run("run").returncode == 5
+        [(_, body)] = server.posted
+    assert len(body) <= reports.REPORT_MAX_BYTES
+    store = open_store(f"sqlite:///{tmp_path}/reports.db")
+    assert receive(store, body, "192.0.2.1", datetime.now(UTC), RateLimiter()).status == 204
+    [record] = store.latest()
+    error = record.report["error"]
+    assert error.startswith("release 1 failed and was rolled back") and error.endswith(" fin)")
+    assert "characters cut" in error and record.report["last_result"] == "apply-failed"
+    store.close()
+
+
+@pytest.mark.parametrize("text", ["\U0001f600" * 3000, "bad \udc80 bytes " * 500, "x" * 9000])
+def test_report_text_is_bounded_and_signable(tmp_path: Path, text: str) -> None:
+    """Emoji cost 12 bytes as escaped JSON; a lone surrogate (a non-UTF-8 file name) has no
+    canonical bytes, so the signing failed and the report was lost."""
+    tmp_path.chmod(0o700)
+    env = reporting.signed_report(tmp_path, {"error": text, "n": 1}, "box-1", NOW)
+    body = json.dumps(env).encode()
+    assert len(body) < 2 * reporting.MAX_TEXT_BYTES
+    assert reports.verify_signed(body, NOW, "-").report["n"] == 1
+
+
 def test_a_box_without_report_url_makes_no_key_and_spends_no_counter(
         tmp_path: Path, box_factory: BoxFactory) -> None:
     sim = RepoSim(tmp_path / "repo")
