@@ -161,3 +161,14 @@ def get_page(app: Collector, path: str) -> tuple[int, str]:
     body = b"".join(app(environ, lambda status, headers: answer.append(
         int(status.split()[0]))))
     return answer[0], body.decode("utf-8")
+
+
+@pytest.mark.parametrize("body", [b'{"box_id": "box\\ud800"}',
+                                  b'{"box_id": "box-1", "error": "\\udfff"}'])
+def test_serve_answers_400_to_a_lone_surrogate(tmp_path: Path, body: bytes) -> None:
+    """It parses as JSON but has no UTF-8: the store raised UnicodeEncodeError out of
+    receive(), and serve's request thread died without an answer."""
+    store = open_store(f"sqlite:///{tmp_path}/reports.db")
+    answer = receive(store, body, "192.0.2.9", NOW, RateLimiter(), allow_unsigned=True)
+    assert answer.status == 400 and store.report_count() == 0
+    store.close()

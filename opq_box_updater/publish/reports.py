@@ -141,13 +141,17 @@ def _box_id(value: Any) -> str:
 
 def parse_body(body: bytes) -> dict[str, Any]:
     """The body as a JSON object (strict: no floats in signed reports, no duplicate keys;
-    unsigned ones are plain JSON), or :class:`Refused` (400)."""
+    unsigned ones are plain JSON, though with no lone surrogates), or :class:`Refused`
+    (400)."""
     try:
         text = body.decode("utf-8")
         if json_depth(text) > REPORT_MAX_DEPTH:
             raise Refused(400, f"nested deeper than {REPORT_MAX_DEPTH} levels")
         doc = json.loads(text)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        # A lone surrogate ("\ud800") parses but has no UTF-8: storing it raised in the
+        # store, and serve's request died without an answer.
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except (UnicodeDecodeError, ValueError, RecursionError):  # UnicodeEncodeError too
         raise Refused(400, "not a JSON object") from None
     if not isinstance(doc, dict):
         raise Refused(400, "not a JSON object")
