@@ -214,7 +214,9 @@ class Commands:
             return [*self.dpkg(), *CONFFILE_OPTIONS, *self.invoke_options(plan), "-i",
                     *debs], {}
         pre, post = self.invoke_hooks(plan)
-        options = [f"DPkg::Lock::Timeout={int(self.lock_timeout)}",
+        # Purge=false: what apt removes keeps its conffiles (the administrator's edits) for
+        # the rollback, whatever the box's apt.conf.d says.
+        options = [f"DPkg::Lock::Timeout={int(self.lock_timeout)}", "APT::Get::Purge=false",
                    *(f"DPkg::Options::={opt}" for opt in CONFFILE_OPTIONS),
                    *(f"DPkg::Pre-Invoke::={line}" for line in pre),
                    *(f"DPkg::Post-Invoke::={line}" for line in post)]
@@ -528,7 +530,7 @@ def rollback_needs(targets: Mapping[str, str], states: Mapping[str, PackageState
 
 
 # "Inst name [old] (new suite [arch])", "Remv name [old]" (apt-get -s, checked with apt 2.6).
-_APT_SIM = re.compile(r"(Inst|Remv) (\S+)(?: \[(\S+)\])?(?: \((\S+).*\))?.*")
+_APT_SIM = re.compile(r"(Inst|Remv|Purg) (\S+)(?: \[(\S+)\])?(?: \((\S+).*\))?.*")
 
 
 @dataclass(frozen=True)
@@ -550,7 +552,7 @@ def parse_apt_simulation(output: str) -> AptSimulation:
         if not match:
             continue
         what, name, old, _new = match.groups()  # name as apt prints it: maybe name:arch
-        if what == "Remv":
+        if what in ("Remv", "Purg"):  # Purg: apt's purge setting; a removal all the same
             removes[name] = old or ""
         elif old:
             upgrades[name] = old

@@ -22,6 +22,7 @@ from reposim import RepoSim
 from test_installer import Sandbox, sandbox  # noqa: F401
 from test_rollback_scope import _apply, _conflicting_v2, _dpkg, _image_package, _postponed
 
+from opq_box_updater.applyplan import Commands, parse_apt_simulation
 from opq_box_updater.errors import ApplyError
 from opq_box_updater.installer import UpdatePlan
 from opq_box_updater.package import Manifest
@@ -200,3 +201,44 @@ def test_a_power_cut_after_apt_removed_a_package_brings_it_back(
     assert apt_box.installed() == {"a": "1.0", "old": "1.0"}
     assert (apt_box.root / "usr/share/old/data").read_text() == "old\n"
     assert store.load().journal.phase == "idle"
+
+
+@pytest.fixture
+def purging_box(apt_box: Sandbox, monkeypatch: pytest.MonkeyPatch) -> Sandbox:
+    """A box whose administrator set ``APT::Get::Purge "true";`` in /etc/apt/apt.conf.d
+    (the sandbox's apt reads only the updater's APT_CONFIG: the line goes there)."""
+    real = Commands.apt_config
+    monkeypatch.setattr(Commands, "apt_config",
+                        lambda self: real(self) + 'APT::Get::Purge "true";\n')
+    return apt_box
+
+
+def test_apts_purge_setting_hides_no_removal(purging_box: Sandbox) -> None:
+    """apt -s then says ``Purg old [1.0]``, not ``Remv``: still a removal the release must
+    allow (it went through unchecked, and unrolled-back, before)."""
+    _image_package(purging_box, "old", "1.0")
+    _image_package(purging_box, "other", "1.0")
+    message = _postponed(purging_box, _allowing(_removing_v2(purging_box, "old"), "other"))
+    assert "apt would remove old to apply release 2" in message
+    assert purging_box.installed() == {"a": "1.0", "old": "1.0", "other": "1.0"}
+
+
+def test_an_allowed_removal_keeps_the_admins_conffile_under_apts_purge_setting(
+        purging_box: Sandbox) -> None:
+    """A listed removal is a removal, never a purge: after the failed release's rollback
+    the administrator's edit of the removed package's conffile is still there."""
+    _image_package(purging_box, "old", "1.0", files={"etc/old.conf": "default\n"},
+                   control_files={"conffiles": "/etc/old.conf\n"})
+    (purging_box.root / "etc/old.conf").write_text("edited by the admin\n")
+    error, state = _apply(purging_box, _allowing(_conflicting_v2(purging_box), "old"))
+    assert "rolled back" in str(error) and "incomplete" not in str(error)
+    assert purging_box.installed() == {"a": "1.0", "old": "1.0"} and state.unrestored == ()
+    assert (purging_box.root / "etc/old.conf").read_text() == "edited by the admin\n"
+
+
+def test_the_simulation_reads_a_purge_as_a_removal() -> None:
+    """Defence in depth beside Purge=false: ``Purg`` lines (apt 2.6's wording) count."""
+    sim = parse_apt_simulation("Purg old [1.0]\nRemv gone:i386 [2.0]\n"
+                               "Inst a [1.0] (2.0 local [all])\nInst new (1.0 local [all])\n")
+    assert (sim.removes, sim.upgrades, sim.new) == ({"old": "1.0", "gone:i386": "2.0"},
+                                                    {"a": "1.0"}, ("new",))
