@@ -178,9 +178,17 @@ def test_make_apt_repo_signs_with_a_passphrase_file_and_a_wrong_one_publishes_no
         # gpg-agent keeps a passphrase for 10 minutes: a new session, as after the
         # documented `gpgconf --kill gpg-agent`, asks again.
         subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=True)
-        refused = make(bad, make_deb(tmp_path / "d", "opq-box-updater", "1.2.0"))
+        published = tree_digest(repo)
+        refused = make(bad, make_deb(tmp_path / "d", "opq-box-updater", "1.2.0",
+                                     files={"usr/share/x": "built wrong"}))
         assert refused.returncode != 0, refused
-        assert tree_digest(repo / "dists") == dists
+        assert tree_digest(repo) == published, "the pool got a deb no index names"
+        # So the operator may fix the build under the version that was never published.
+        fixed = make(good, make_deb(tmp_path / "e", "opq-box-updater", "1.2.0",
+                                    files={"usr/share/x": "built right"}))
+        assert fixed.returncode == 0, fixed.stderr
+        assert "Version: 1.2.0" in (repo / "dists/bookworm/main/binary-amd64/Packages"
+                                    ).read_text()
         assert not list(repo.glob(".stage.*"))
     finally:
         subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=False)
