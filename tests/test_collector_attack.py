@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import sqlite3
 import threading
 from datetime import UTC, datetime
@@ -172,3 +173,30 @@ def test_serve_answers_400_to_a_lone_surrogate(tmp_path: Path, body: bytes) -> N
     answer = receive(store, body, "192.0.2.9", NOW, RateLimiter(), allow_unsigned=True)
     assert answer.status == 400 and store.report_count() == 0
     store.close()
+
+
+def test_a_silent_postgresql_host_fails_the_request_instead_of_holding_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database host that never answers (down behind a firewall): connecting waited for
+    minutes, past gunicorn's worker timeout. Now a StoreError (the collector's 503)."""
+    pytest.importorskip("psycopg2")
+    from opq_box_updater.publish import store as store_mod
+
+    monkeypatch.setattr(store_mod, "PG_CONNECT_TIMEOUT", 1)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # accepts the TCP connection, never says a word
+        port = silent.getsockname()[1]
+        outcome: list[BaseException] = []
+
+        def connect() -> None:
+            try:
+                open_store(f"postgresql://opq@127.0.0.1:{port}/opq")
+            except BaseException as exc:  # handed to the test thread
+                outcome.append(exc)
+
+        worker = threading.Thread(target=connect, daemon=True)
+        worker.start()
+        worker.join(60)
+        assert not worker.is_alive(), "still connecting after 60 s"
+    assert len(outcome) == 1 and isinstance(outcome[0], store_mod.StoreError), outcome

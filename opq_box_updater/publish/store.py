@@ -51,6 +51,10 @@ MAX_BOXES = 1_000_000
 #: stranger who signs with endless new keys under a known box's id.
 MAX_CONFLICTS = 100
 BUSY_TIMEOUT = 30.0  # seconds a writer waits for another (SQLite) before failing
+#: Seconds to connect to PostgreSQL (libpq's ``connect_timeout``, unless the URL sets one):
+#: without it a database host that drops packets held each request for minutes, past
+#: gunicorn's worker timeout (the worker killed, the box answered 502 by nginx).
+PG_CONNECT_TIMEOUT = 10
 SQLITE_PREFIX = "sqlite:///"
 DB_NAME = "reports.db"
 #: The collector's store: this environment variable (the systemd unit reads it from
@@ -298,7 +302,9 @@ def _postgres_connect(url: str) -> Callable[[], Any]:
             raise StoreError("a PostgreSQL store needs python3-psycopg2: "
                              "apt-get install python3-psycopg2") from None
         try:
-            return psycopg2.connect(url)
+            if "connect_timeout" in url:
+                return psycopg2.connect(url)
+            return psycopg2.connect(url, connect_timeout=PG_CONNECT_TIMEOUT)
         except psycopg2.Error as exc:
             raise StoreError(f"cannot connect to PostgreSQL: {str(exc).strip()}") from None
     return connect
