@@ -214,9 +214,11 @@ class Commands:
             return [*self.dpkg(), *CONFFILE_OPTIONS, *self.invoke_options(plan), "-i",
                     *debs], {}
         pre, post = self.invoke_hooks(plan)
-        # Purge=false: what apt removes keeps its conffiles (the administrator's edits) for
-        # the rollback, whatever the box's apt.conf.d says.
+        # Whatever the box's apt.conf.d says: what apt removes keeps its conffiles (the
+        # administrator's edits) for the rollback, and apt removes only what the release
+        # needs (an autoremove would postpone every release that does not list it).
         options = [f"DPkg::Lock::Timeout={int(self.lock_timeout)}", "APT::Get::Purge=false",
+                   "APT::Get::AutomaticRemove=false",
                    *(f"DPkg::Options::={opt}" for opt in CONFFILE_OPTIONS),
                    *(f"DPkg::Pre-Invoke::={line}" for line in pre),
                    *(f"DPkg::Post-Invoke::={line}" for line in post)]

@@ -242,3 +242,25 @@ def test_the_simulation_reads_a_purge_as_a_removal() -> None:
                                "Inst a [1.0] (2.0 local [all])\nInst new (1.0 local [all])\n")
     assert (sim.removes, sim.upgrades, sim.new) == ({"old": "1.0", "gone:i386": "2.0"},
                                                     {"a": "1.0"}, ("new",))
+
+
+def test_apts_autoremove_setting_neither_blocks_nor_removes(
+        apt_box: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``APT::Get::AutomaticRemove "true";`` on a box with an automatically installed
+    package nothing needs: apt would remove it with every install, so every release was
+    postponed for ever. The updater's apt call removes only what the release needs."""
+    real = Commands.apt_config
+    monkeypatch.setattr(Commands, "apt_config",
+                        lambda self: real(self) + 'APT::Get::AutomaticRemove "true";\n')
+    _image_package(apt_box, "leftover", "1.0")
+    states = apt_box.root / "var/lib/apt/extended_states"
+    states.parent.mkdir(parents=True, exist_ok=True)
+    states.write_text("Package: leftover\nArchitecture: all\nAuto-Installed: 1\n\n")
+    a2 = make_deb(apt_box.debs, "a", "2.0", files={"usr/share/a/version": "2.0"})
+    store = Store(apt_box.config.state_dir)
+    store.ensure_dirs()
+    applied = Transaction(apt_box.config, store).apply(store.load(), "version.json",
+                                                       apt_box.plan(2, [a2]),
+                                                       apt_box.installer(), "0" * 64)
+    assert applied.result == "updated", applied.message
+    assert apt_box.installed() == {"a": "2.0", "leftover": "1.0"}
