@@ -7,15 +7,19 @@ the CLI in a child process whose file size limit stands in for a full disk.
 
 from __future__ import annotations
 
+import json
 import resource
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import tree_digest
-from test_rollout import keys_of, rolled  # noqa: F401
+from test_rollout import DAY, NOW, box_accepts, keys_of, rolled  # noqa: F401
 
-from opq_box_updater.publish import stage
+from opq_box_updater.metadata import parse_envelope, parse_release
+from opq_box_updater.publish import cli, repo, stage
+from opq_box_updater.publish.common import PublishError
 
 LIMIT = 64 << 20  # bytes any file of the child may reach: far above a test package
 #: The CLI with SIGXFSZ's default action (Python ignores it): a file written past LIMIT
@@ -40,3 +44,28 @@ def test_recall_refuses_a_package_linked_to_an_endless_device(rolled: Path) -> N
     assert done.returncode == 2, (done.returncode, done.stderr[-500:])
     assert "missing or no longer matches" in done.stderr
     assert tree_digest(rolled, exclude=(rolled / ".reports",)) == before
+
+
+def test_refresh_force_recovers_a_rotation_cut_short(rolled: Path,  # noqa: F811
+                                                     tmp_path: Path) -> None:
+    """Power cut in ``rotate`` after root v2 was written, before version.json was re-signed:
+    it is still signed by the old release keys under root v1, which boxes that walk to v2
+    refuse. ``refresh`` will not re-sign what the newest root's keys did not sign, and
+    says so; ``--force`` re-signs it when the root it names, in the chain, signed it. An
+    unsigned edit stays refused even then."""
+    cut = (rolled / "version.json").read_bytes()
+    repo.rotate_role(rolled, keys_of(rolled), "release", now=NOW - DAY / 2)
+    (rolled / "version.json").write_bytes(cut)
+    before = tree_digest(rolled)
+    done = cli.main(["refresh", str(rolled), "--keys", str(keys_of(rolled))])
+    assert done == 2 and tree_digest(rolled) == before
+    assert cli.main(["refresh", str(rolled), "--keys", str(keys_of(rolled)), "--force"]) == 0
+    seen = parse_release(parse_envelope(cut))
+    assert box_accepts(rolled, seen).root_version == 2
+    doc = json.loads(cut)
+    doc["signed"]["notes"] = "edited"
+    (rolled / "version.json").write_text(json.dumps(doc))
+    before = tree_digest(rolled)
+    with pytest.raises(PublishError, match="does not verify"):
+        repo.refresh_release(rolled, keys_of(rolled), force=True)
+    assert tree_digest(rolled) == before

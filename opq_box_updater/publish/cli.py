@@ -130,7 +130,8 @@ def cmd_release(args: argparse.Namespace) -> int:
 def cmd_refresh(args: argparse.Namespace) -> int:
     release = repo.refresh_release(
         args.repo, args.keys, expires=args.expires or DEFAULT_RELEASE_EXPIRES,
-        version_file=args.version_file, rollout=args.rollout, passphrase=_passphrase(args))
+        version_file=args.version_file, rollout=args.rollout, passphrase=_passphrase(args),
+        force=args.force)
     _out(f"re-signed {args.version_file}: release v{release.version}, issued "
          f"{format_time(release.issued)}, expires {format_time(release.expires)}, rollout "
          f"{release.rollout_percent}%")
@@ -397,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version-file", default=repo.DEFAULT_VERSION_FILE, metavar="F")
     p.add_argument("--rollout", type=_percent, metavar="PERCENT",
                    help="change the rollout percentage (default: keep)")
+    p.add_argument("--force", action="store_true",
+                   help="re-sign a release signed by the keys of the older root it names "
+                        "(after a rotate cut short)")
 
     p = add("rotate", cmd_rotate, "write the next root with changed keys", signs=True)
     p.epilog = ("Without --add, --remove or --threshold every key of the role is replaced by a "

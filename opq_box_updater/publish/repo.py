@@ -412,11 +412,14 @@ def refresh_release_unlocked(
         repo: Path, keydir: Path, *, expires: timedelta = DEFAULT_RELEASE_EXPIRES,
         version_file: str = DEFAULT_VERSION_FILE, rollout: int | None = None,
         passphrase: bytes | None = None, now: datetime | None = None,
-        action: str = "refresh") -> Release:
+        action: str = "refresh", force: bool = False) -> Release:
     """Re-sign the current release with a later ``expires`` (DESIGN 2.3), under the lock
     the caller holds (:func:`refresh_release` takes it). Keeps version, package and notes;
     moves ``issued`` forward (strictly, so boxes see a newer copy of the same version);
-    names the newest root; ``rollout`` optionally widens or narrows a phased rollout."""
+    names the newest root; ``rollout`` optionally widens or narrows a phased rollout. The
+    current release must verify with the newest root's release keys; with ``force``, with
+    those of the root it names (a ``rotate`` cut short between writing the root and
+    re-signing the version files)."""
     now = normalize_now(now)
     repo = repo.absolute()
     _check_keydir(repo, keydir)
@@ -424,7 +427,15 @@ def refresh_release_unlocked(
         raise PublishError(f"rollout must be between 0 and 100, not {rollout}")
     root = load_chain(repo)[-1]
     _check_root_usable(root, now)
-    current = read_release(repo, version_file, root)
+    try:
+        current = read_release(repo, version_file, root)
+    except PublishError as exc:
+        if not force:
+            raise PublishError(f"{exc} (after a rotate cut short: refresh --force)") from None
+        named = read_release(repo, version_file)  # structure only: which root signs it
+        chain = {r.version: r for r in load_chain(repo)}
+        current = read_release(repo, version_file, chain.get(named.root_version, root)
+                               if named else root)
     if current is None:
         raise PublishError(f"{repo / version_file} does not exist; publish a release first")
     issued = max(now, current.issued + _ONE_SECOND)
