@@ -215,10 +215,12 @@ class Commands:
                     *debs], {}
         pre, post = self.invoke_hooks(plan)
         # Whatever the box's apt.conf.d says: what apt removes keeps its conffiles (the
-        # administrator's edits) for the rollback, and apt removes only what the release
-        # needs (an autoremove would postpone every release that does not list it).
+        # administrator's edits) for the rollback, apt removes only what the release needs
+        # (an autoremove would postpone every release that does not list it), and it
+        # installs and upgrades every deb given (--only-upgrade/--no-upgrade skip some).
         options = [f"DPkg::Lock::Timeout={int(self.lock_timeout)}", "APT::Get::Purge=false",
-                   "APT::Get::AutomaticRemove=false",
+                   "APT::Get::AutomaticRemove=false", "APT::Get::Upgrade=true",
+                   "APT::Get::Only-Upgrade=false",
                    *(f"DPkg::Options::={opt}" for opt in CONFFILE_OPTIONS),
                    *(f"DPkg::Pre-Invoke::={line}" for line in pre),
                    *(f"DPkg::Post-Invoke::={line}" for line in post)]

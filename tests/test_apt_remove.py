@@ -264,3 +264,22 @@ def test_apts_autoremove_setting_neither_blocks_nor_removes(
                                                        apt_box.installer(), "0" * 64)
     assert applied.result == "updated", applied.message
     assert apt_box.installed() == {"a": "2.0", "leftover": "1.0"}
+
+
+@pytest.mark.parametrize("setting", ['APT::Get::Only-Upgrade "true";',
+                                     'APT::Get::Upgrade "false";'])
+def test_apts_upgrade_settings_do_not_skip_the_releases_debs(
+        apt_box: Sandbox, monkeypatch: pytest.MonkeyPatch, setting: str) -> None:
+    """A box's apt.conf.d with ``--only-upgrade`` or ``--no-upgrade`` made apt skip a new
+    (or an upgraded) package of the release and exit 0: the release failed on every such
+    box ('apt-get succeeded but b is not installed') and was marked failed."""
+    real = Commands.apt_config
+    monkeypatch.setattr(Commands, "apt_config", lambda self: real(self) + setting + "\n")
+    debs = [make_deb(apt_box.debs, "a", "2.0"), make_deb(apt_box.debs, "b", "1.0")]
+    store = Store(apt_box.config.state_dir)
+    store.ensure_dirs()
+    applied = Transaction(apt_box.config, store).apply(store.load(), "version.json",
+                                                       apt_box.plan(2, debs),
+                                                       apt_box.installer(), "0" * 64)
+    assert applied.result == "updated", applied.message
+    assert apt_box.installed() == {"a": "2.0", "b": "1.0"}
