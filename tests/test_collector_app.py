@@ -4,10 +4,16 @@ unit and nginx snippet agreeing on the socket and the application."""
 
 from __future__ import annotations
 
+import grp
 import io
 import json
 import logging
+import os
 import re
+import shutil
+import socket
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -156,3 +162,47 @@ def test_the_unit_and_the_nginx_snippet_agree() -> None:
     assert re.search(r"client_max_body_size 16k;", snippet)
     site = (PROJECT / "docs/nginx/opq-box-repo.conf").read_text()
     assert "#include /etc/nginx/snippets/opq-box-collector.conf;" in site
+
+
+def _unit_setting(unit: str, key: str) -> list[str]:
+    return re.findall(rf"^{key}=(.*)$", unit, re.MULTILINE)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as www-data and nobody")
+def test_only_nginx_can_reach_the_collector_socket() -> None:
+    """gunicorn's sync workers are protected from half-sent requests by nginx's buffering;
+    a local account connecting to the socket directly could hold every worker. The unit's
+    runtime directory (its mode, and the group its ExecStartPre gives it) must let www-data
+    in and keep everyone else out: rebuilt here from the unit's own lines."""
+    unit = (PROJECT / "debian/opq-box-publisher.opq-box-collector.service").read_text()
+    runtime = "/run/" + _unit_setting(unit, "RuntimeDirectory")[0]
+    mode = int(_unit_setting(unit, "RuntimeDirectoryMode")[0], 8)
+    chgrp = [line for line in _unit_setting(unit, "ExecStartPre")
+             if line.startswith("+") and line.split()[1:2] == ["www-data"]
+             and line.split()[-1] == runtime and line.split()[0].endswith("/chgrp")]
+    assert chgrp, "the unit no longer gives its runtime directory to www-data"
+    base = Path(tempfile.mkdtemp(prefix="opq-run-", dir="/tmp"))  # www-data may enter /tmp
+    os.chmod(base, 0o755)
+    folder = base / "run"
+    folder.mkdir()
+    os.chown(folder, 0, grp.getgrnam("www-data").gr_gid)  # root stands in for the service
+    os.chmod(folder, mode)
+    server = socket.socket(socket.AF_UNIX)
+    old = os.umask(0)  # the unit's --umask 0: the socket itself is 0666
+    try:
+        server.bind(str(folder / "gunicorn.sock"))
+    finally:
+        os.umask(old)
+    server.listen(4)
+    probe = ("import socket,sys; s=socket.socket(socket.AF_UNIX)\n"
+             "try: s.connect(sys.argv[1]); print('connected')\n"
+             "except PermissionError: print('refused')")
+    try:
+        seen = {user: subprocess.run(
+            ["runuser", "-u", user, "--", "/usr/bin/python3", "-c", probe,
+             str(folder / "gunicorn.sock")], capture_output=True, text=True,
+            timeout=30).stdout.strip() for user in ("www-data", "nobody")}
+    finally:
+        server.close()
+        shutil.rmtree(base)
+    assert seen == {"www-data": "connected", "nobody": "refused"}
