@@ -111,11 +111,23 @@ def test_reject_refuses_everything_until_accepted(store: SqlStore) -> None:
 def test_rekey_learns_the_next_key_with_a_fresh_counter(store: SqlStore) -> None:
     assert store.admit(signed("box-1", 40)) == ACCEPTED
     forgotten = store.rekey("box-1")
-    assert (forgotten.state, forgotten.key_id, forgotten.counter) == (REKEY, None, 0)
+    assert (forgotten.state, forgotten.key_id, forgotten.counter) == (REKEY, KEY_A, 40)
+    assert store.admit(signed("box-1", 40, KEY_A)) == REPLAYED  # captured before the rekey
+    assert store.admit(signed("box-1", 3, KEY_A)) == REPLAYED
+    assert store.box("box-1").state == REKEY  # type: ignore[union-attr]
     assert store.admit(signed("box-1", 1, KEY_B)) == ACCEPTED  # a reinstalled box
     box = store.box("box-1")
     assert box is not None and (box.state, box.key_id, box.counter) == (TRUSTED, KEY_B, 1)
     assert store.admit(signed("box-1", 41, KEY_A)) == CONFLICT  # the old key is out
+
+
+def test_after_a_rekey_the_old_key_goes_on_only_with_a_newer_counter(store: SqlStore) -> None:
+    """Rekeyed although the box kept its key: its next real report still counts."""
+    assert store.admit(signed("box-1", 40)) == ACCEPTED
+    store.rekey("box-1")
+    assert store.admit(signed("box-1", 41, KEY_A)) == ACCEPTED
+    box = store.box("box-1")
+    assert box is not None and (box.state, box.key_id, box.counter) == (TRUSTED, KEY_A, 41)
 
 
 def test_accept_takes_a_key_seen_in_a_conflict(store: SqlStore) -> None:

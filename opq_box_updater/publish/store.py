@@ -180,8 +180,9 @@ class Store(Protocol):
         """Refuse every further report of the box (until ``accept``)."""
 
     def rekey(self, box_id: str) -> BoxRecord:
-        """Forget the box's key and counter: its next validly signed report's key is
-        learned (a reinstalled box)."""
+        """Let the box's next validly signed report teach a new key (a reinstalled box). A
+        report of the old key counts only with a counter above the last one accepted, so a
+        captured old report cannot be replayed to be learned again."""
 
     def close(self) -> None:
         """Close this thread's connection."""
@@ -455,6 +456,11 @@ class SqlStore:
                 assert box is not None
             if box.state == REJECTED:
                 return REJECTED
+            elif box.state == REKEY and record.key_id == box.key_id \
+                    and record.counter <= box.counter:
+                # The key the operator told us to forget, with a counter we already took:
+                # a captured old report, which must not be learned again (and undo the rekey).
+                return REPLAYED
             elif box.state == REKEY:
                 cur.execute(self._sql("UPDATE boxes SET state = ?, key_id = ?, public_key = ?, "
                                       "counter = ?, last_seen = ? WHERE box_id = ?"),
@@ -561,8 +567,10 @@ class SqlStore:
             cur, box_id, REJECTED, box.key_id, box.public_key, box.counter))
 
     def rekey(self, box_id: str) -> BoxRecord:
+        # The old key and its counter stay, so that a report it signed before cannot be
+        # replayed to be learned again; a new key is learned with its own counter.
         return self._change(box_id, lambda cur, box: self._set(
-            cur, box_id, REKEY, None, None, 0))
+            cur, box_id, REKEY, box.key_id, box.public_key, box.counter))
 
     def _set(self, cur: Any, box_id: str, state: str, key_id: str | None,
              public_key: str | None, counter: int) -> None:
