@@ -72,7 +72,7 @@ from opq_box_updater.metadata import (
     parse_root,
 )
 from opq_box_updater.package import MANIFEST_FORMAT, MANIFEST_NAME
-from opq_box_updater.publish import build, repo
+from opq_box_updater.publish import build, repo, rotate
 from opq_box_updater.publish.keys import KeyStore, key_id, public_hex
 
 DAY = timedelta(days=1)
@@ -376,7 +376,7 @@ class RepoSim:
     def lib_rotate(self, role: str, *, add: Sequence[str] = (), remove: Sequence[str] = (),
                    threshold: int | None = None) -> Root:
         """The real ``rotate_role`` (keys it generates are loaded into ``keys``)."""
-        result = repo.rotate_role(self.path, self.keydir, role, add=add, remove=remove,
+        result = rotate.rotate_role(self.path, self.keydir, role, add=add, remove=remove,
                                   threshold=threshold, now=self.now)
         self._load_keydir()
         return result.root

@@ -35,6 +35,7 @@ CORE_STDLIB = {"__future__", "hashlib", "json", "re", "collections", "datetime",
 SHARED_WITH_PUBLISHER = {"errors", "fsutil", "metadata", "package"}
 PUBLISH_LEVELS = {"common": 0, "sealed": 0, "keys": 1, "build": 1, "bridge": 1, "store": 1,
                   "history": 1, "rollout": 1, "repo": 2, "fleetpage": 2, "reports": 2, "fleet": 2,
+                  "rotate": 3,
                   "verify": 3, "stage": 3, "serve": 3, "export": 4, "fleetweb": 4,
                   "collector": 5, "cli": 5}
 

@@ -31,7 +31,7 @@ from opq_box_updater.metadata import (
     verify_release,
     verify_trust_anchor,
 )
-from opq_box_updater.publish import build, cli, keys, repo, verify
+from opq_box_updater.publish import build, cli, keys, repo, rotate, verify
 from opq_box_updater.publish.common import PublishError, parse_duration, sha256_file
 
 NOW = datetime(2031, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -310,7 +310,7 @@ def test_rotations(published: Repo, steps: list[Step]) -> None:
             store.store(key, step.role)
             added.append(keys.public_hex(key))
         removed = list(before.role(step.role).keyids[:step.remove])
-        result = repo.rotate_role(published.path, published.keydir, step.role, add=added,
+        result = rotate.rotate_role(published.path, published.keydir, step.role, add=added,
                                   remove=[k[:12] for k in removed], threshold=step.threshold,
                                   now=now)
         new = result.root
@@ -336,11 +336,11 @@ def test_rotate_without_the_needed_private_keys_changes_nothing(published: Repo)
     for keyid in root.role("root").keyids[:2]:  # threshold 2 of 3: only one key left
         next(published.keydir.glob(f"root-{keyid[:12]}.pem")).unlink()
     with pytest.raises(PublishError, match=r"needs 2 signature\(s\) but only 1"):
-        repo.rotate_role(published.path, published.keydir, "release", now=NOW)
+        rotate.rotate_role(published.path, published.keydir, "release", now=NOW)
     # An added release key whose private key is elsewhere cannot re-sign version.json.
     outside = Ed25519PrivateKey.generate()
     with pytest.raises(PublishError):
-        repo.rotate_role(published.path, published.keydir, "release",
+        rotate.rotate_role(published.path, published.keydir, "release",
                          add=[keys.public_hex(outside)], remove=list(root.role("release").keyids),
                          now=NOW)
     after = {p: p.read_bytes() for p in published.path.rglob("*") if p.is_file()}
@@ -351,13 +351,13 @@ def test_rotate_add_accepts_key_files(published: Repo, work: Path) -> None:
     key = Ed25519PrivateKey.generate()
     keys.KeyStore(published.keydir).store(key, "release")
     pub = next(published.keydir.glob(f"release-{keys.key_id(key)[:12]}.pub"))
-    new = repo.rotate_role(published.path, published.keydir, "release", add=[str(pub)],
+    new = rotate.rotate_role(published.path, published.keydir, "release", add=[str(pub)],
                            now=NOW).root
     assert keys.key_id(key) in new.role("release").keyids
     with pytest.raises(PublishError, match="already holds"):
-        repo.rotate_role(published.path, published.keydir, "release", add=[str(pub)], now=NOW)
+        rotate.rotate_role(published.path, published.keydir, "release", add=[str(pub)], now=NOW)
     with pytest.raises(PublishError, match="does not name exactly one"):
-        repo.rotate_role(published.path, published.keydir, "release", remove=["abc"], now=NOW)
+        rotate.rotate_role(published.path, published.keydir, "release", remove=["abc"], now=NOW)
 
 
 def test_cli_rotate(published: Repo, capsys: pytest.CaptureFixture[str]) -> None:
@@ -422,7 +422,7 @@ def test_cli_verify_fails_on_tampered_repo(published: Repo, capsys: pytest.Captu
 
 
 def test_verify_with_trust_root(published: Repo, work: Path) -> None:
-    repo.rotate_role(published.path, published.keydir, "release", now=NOW)
+    rotate.rotate_role(published.path, published.keydir, "release", now=NOW)
     anchor = repo.root_file(published.path, 2)
     assert verify.verify_repo(published.path, anchor, now=NOW).ok
     other = work / "other"
@@ -433,7 +433,7 @@ def test_verify_with_trust_root(published: Repo, work: Path) -> None:
 
 def test_verify_refuses_mix_and_match_release(published: Repo) -> None:
     old = (published.path / "version.json").read_bytes()
-    repo.rotate_role(published.path, published.keydir, "release", now=NOW)
+    rotate.rotate_role(published.path, published.keydir, "release", now=NOW)
     (published.path / "version.json").write_bytes(old)  # signed by the removed key
     report = verify.verify_repo(published.path, now=NOW)
     assert "mix-and-match" in report.problems[0]

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from debs import make_deb
 
-from opq_box_updater.publish import build, common, history, repo, stage
+from opq_box_updater.publish import build, common, history, repo, rotate, stage
 from opq_box_updater.publish.common import PublishError
 
 NOW = datetime(2031, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -140,7 +140,7 @@ def test_another_process_holding_the_lock_stops_a_release_after_the_wait(
         for step in (lambda: repo.publish_release(work / "repo", work / "keys",
                                                   work / "v2.zip", now=NOW),
                      lambda: repo.refresh_release(work / "repo", work / "keys", now=NOW),
-                     lambda: repo.rotate_role(work / "repo", work / "keys", "release",
+                     lambda: rotate.rotate_role(work / "repo", work / "keys", "release",
                                               now=NOW),
                      lambda: stage.recall(work / "repo", work / "keys", [], now=NOW)):
             with pytest.raises(PublishError, match="another opq-box-publish is still working"):

@@ -21,7 +21,7 @@ from conftest import tree_digest
 
 from opq_box_updater.errors import RepositoryError
 from opq_box_updater.metadata import Floors, parse_envelope, parse_release, verify_release
-from opq_box_updater.publish import build, cli, history, repo, rollout, stage
+from opq_box_updater.publish import build, cli, history, repo, rollout, rotate, stage
 from opq_box_updater.publish.common import PublishError
 from opq_box_updater.publish.keys import KeyStore
 from opq_box_updater.publish.store import ReportRecord, default_store_url, open_store
@@ -419,7 +419,7 @@ def test_recall_trusts_no_entry_signed_by_a_release_key_rotated_out(rolled: Path
     store = KeyStore(keys_of(rolled))
     old_keyid = repo.load_chain(rolled)[-1].role("release").keyids[0]
     stolen = store.private_key(old_keyid)
-    repo.rotate_role(rolled, keys_of(rolled), "release", now=NOW - DAY / 2)
+    rotate.rotate_role(rolled, keys_of(rolled), "release", now=NOW - DAY / 2)
     evil_script = tmp_path / "evil.sh"
     evil_script.write_bytes(b"#!/bin/sh\nrm -rf /\n")
     build.build_package(tmp_path / "evil.zip", version=1, run=evil_script)
@@ -550,7 +550,7 @@ def test_a_rotation_does_not_re_sign_a_version_file_it_cannot_verify(
     as it is (boxes refuse it), never signed with the new keys."""
     _forged_current(rolled, tmp_path)
     forged = (rolled / "version.json").read_bytes()
-    repo.rotate_role(rolled, keys_of(rolled), "release", now=NOW)
+    rotate.rotate_role(rolled, keys_of(rolled), "release", now=NOW)
     assert (rolled / "version.json").read_bytes() == forged
     assert "version.json does not verify" in caplog.text
     with pytest.raises(RepositoryError):

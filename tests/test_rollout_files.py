@@ -18,7 +18,7 @@ from conftest import tree_digest
 from test_rollout import DAY, NOW, box_accepts, keys_of, rolled  # noqa: F401
 
 from opq_box_updater.metadata import parse_envelope, parse_release
-from opq_box_updater.publish import cli, repo, stage
+from opq_box_updater.publish import cli, repo, rotate, stage
 from opq_box_updater.publish.common import PublishError
 
 LIMIT = 64 << 20  # bytes any file of the child may reach: far above a test package
@@ -54,7 +54,7 @@ def test_refresh_force_recovers_a_rotation_cut_short(rolled: Path,  # noqa: F811
     says so; ``--force`` re-signs it when the root it names, in the chain, signed it. An
     unsigned edit stays refused even then."""
     cut = (rolled / "version.json").read_bytes()
-    repo.rotate_role(rolled, keys_of(rolled), "release", now=NOW - DAY / 2)
+    rotate.rotate_role(rolled, keys_of(rolled), "release", now=NOW - DAY / 2)
     (rolled / "version.json").write_bytes(cut)
     before = tree_digest(rolled)
     done = cli.main(["refresh", str(rolled), "--keys", str(keys_of(rolled))])

@@ -29,6 +29,7 @@ from . import (
     keys,
     repo,
     rollout,
+    rotate,
     serve,
     stage,
     store,
@@ -139,7 +140,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:
-    result = repo.rotate_role(
+    result = rotate.rotate_role(
         args.repo, args.keys, args.role, add=args.add or (), remove=args.remove or (),
         threshold=args.threshold, expires=args.expires or DEFAULT_ROOT_EXPIRES,
         passphrase=_passphrase(args))
