@@ -26,7 +26,7 @@ import socket
 import ssl
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -56,7 +56,9 @@ class Fault:
     connection_close: bool = False  # answer with `Connection: close` (the socket goes with
     #                                 the response in http.client: the deadline's hard case)
     http10: bool = False  # answer as an HTTP/1.0 server (no keep-alive either)
-    headers: dict[str, str] | None = None  # set or replace these response headers, raw
+    headers: Mapping[str, str | None] | None = None  # set or replace these response headers,
+    #                                            raw; None drops one (Content-Length: None
+    #                                            with connection_close: a close-delimited body)
     times: int | None = None  # misbehave for the first `times` requests only (None: always)
 
 
@@ -238,7 +240,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _head(self, status: int, headers: dict[str, str]) -> None:
         self._status = status
         fault = self._fault or Fault()
-        headers = {**headers, **(fault.headers or {})}
+        headers = {name: value for name, value in {**headers, **(fault.headers or {})}.items()
+                   if value is not None}
         if fault.connection_close:
             headers["Connection"] = "close"
         self.send_response(status)
@@ -357,6 +360,17 @@ class FaultServer:
                 self._faults.pop(_norm(path), None)
             else:  # a copy: `times` counts down here, not in the test's object
                 self._faults[_norm(path)] = dataclasses.replace(fault)
+
+    def clear_faults(self) -> None:
+        """Every path behaves again."""
+        with self._lock:
+            self._faults.clear()
+
+    def clear_log(self) -> None:
+        """Forget the requests answered so far (once none is being answered)."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._active == 0, timeout=self.settle)
+            self._log.clear()
 
     def take_fault(self, path: str) -> Fault:
         """The fault for one request to ``path`` (a harmless one if none); counts ``times``."""

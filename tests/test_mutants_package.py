@@ -265,3 +265,92 @@ def test_a_package_comes_once_per_instance(tmp_path: Path, arch_debs: dict[str, 
         infos = package.inspect_debs(tmp_path, manifest, None)
         assert [(d.architecture, d.multi_arch) for d in infos] == [("amd64", "same"),
                                                                    ("i386", "same")]
+
+
+# --- the remaining survivors of make mutate (issue 9) ---------------------------------------
+
+
+def test_central_directory_of_exactly_the_cap_is_accepted(tmp_path: Path, parent: Path) -> None:
+    """The central directory may take MAX_CENTRAL_DIR_BYTES_PER_MEMBER bytes per member,
+    exactly: one entry of 46 + name + comment bytes filling it is extracted."""
+    info = zipfile.ZipInfo("a" * 10)
+    info.comment = b"c" * (package.MAX_CENTRAL_DIR_BYTES_PER_MEMBER - 46 - 10)
+    path = make_zip(tmp_path / "p.zip", [(info, "x")])
+    dest = extract_package(path, parent, max_unpacked_bytes=MiB, max_members=1)
+    assert (dest / info.filename).read_bytes() == b"x"
+    info.comment += b"c"
+    other = tmp_path / "other"
+    other.mkdir()
+    assert_refused(make_zip(tmp_path / "q.zip", [(info, "x")]), other, "central directory",
+                   max_members=1)
+
+
+def test_a_member_file_is_never_opened_through_a_planted_link(
+        tmp_path: Path, parent: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second line of defence: should a link ever stand where a member goes (a bug in
+    the checks, a race), creating the member fails instead of writing through it."""
+    outside = tmp_path / "outside"
+    real_mkdtemp = package.tempfile.mkdtemp
+
+    def planted(**kwargs: object) -> str:
+        made = real_mkdtemp(**kwargs)  # type: ignore[call-overload]
+        (Path(made) / "a").symlink_to(outside)
+        return str(made)
+
+    monkeypatch.setattr(package.tempfile, "mkdtemp", planted)
+    with pytest.raises(FileExistsError):
+        extract_package(make_zip(tmp_path / "p.zip", [("a", "evil")]), parent,
+                        max_unpacked_bytes=MiB)
+    assert not outside.exists()
+    assert not list(parent.iterdir())
+
+
+def test_a_refusal_survives_an_extraction_that_cannot_be_removed(
+        tmp_path: Path, parent: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Cleaning up after a refusal must not replace the refusal (exit 3) with an OSError
+    (exit 1): what cannot be removed is logged."""
+    path = make_zip(tmp_path / "p.zip", [("a", "x" * 100), ("b", "y" * 100)])
+    test_package.patch_member(path, "b", file_size=10)  # b lies about its size
+    real_unlink = package.os.unlink
+
+    def stuck(path: object, *args: object, **kwargs: object) -> None:
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(package.os, "unlink", stuck)
+    with pytest.raises(UnsafePackageError):
+        extract_package(path, parent, max_unpacked_bytes=MiB)
+    monkeypatch.setattr(package.os, "unlink", real_unlink)
+    assert "could not remove refused extraction" in caplog.text
+
+
+def _manifest(tmp_path: Path, **over: object) -> Path:
+    doc = {"format": 1, "version": 3, "debs": [], "run": None, "healthcheck": None, **over}
+    names = [v for v in over.values() if isinstance(v, str)]
+    return test_package.write_package(tmp_path / "x", doc, names)
+
+
+def test_plain_names_may_start_with_any_letter(tmp_path: Path) -> None:
+    root = _manifest(tmp_path, run="X-update", healthcheck="XX")
+    manifest = package.load_manifest(root, 3)
+    assert (manifest.run, manifest.healthcheck) == ("X-update", "XX")
+
+
+@pytest.mark.parametrize("key", ["run", "healthcheck"])
+def test_a_bad_optional_name_is_refused_naming_its_key(tmp_path: Path, key: str) -> None:
+    root = _manifest(tmp_path)
+    doc = {"format": 1, "version": 3, "debs": [], "run": None, "healthcheck": None,
+           key: "../x"}
+    (root / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(UnsafePackageError, match=f"{key} entry"):
+        package.load_manifest(root, 3)
+
+
+def test_a_manifest_of_exactly_the_size_cap_is_read(tmp_path: Path) -> None:
+    root = _manifest(tmp_path, run="update.sh")
+    text = (root / "manifest.json").read_text()
+    (root / "manifest.json").write_text(text.ljust(package.MAX_MANIFEST_BYTES))
+    assert package.load_manifest(root, 3).version == 3
+    (root / "manifest.json").write_text(text.ljust(package.MAX_MANIFEST_BYTES + 1))
+    with pytest.raises(UnsafePackageError, match="larger than"):
+        package.load_manifest(root, 3)
