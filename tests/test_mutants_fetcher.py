@@ -186,7 +186,7 @@ def test_the_retry_without_validators_names_the_first_failure(
 
 
 def test_less_than_a_second_left_is_still_time_to_ask(server: FaultServer) -> None:
-    with fetcher(server.url, total=0.9) as f:
+    with fetcher(server.url, total=0.99) as f:
         assert f.fetch_metadata(META).body == META_BODY
 
 
