@@ -260,12 +260,15 @@ class Updater:
                               f"{exc}") from None
         if start.store_anchor:
             # Roots stored from an older anchor's chain are superseded by this anchor, and so
-            # is the release verified under them: no 304 may bring it back.
+            # is the release verified under them: no 304 may bring it back, in this run or,
+            # should it stop before verifying anything, the next (then the new anchor is
+            # stored and this branch is not taken again). So the validators go first.
+            state = state._replace(etag=None, last_modified=None, metadata_url=None)
+            self.store.save(state)
             for version, path in stored.items():
                 if version >= anchor_version:
                     path.unlink()
             self.store.save_root(anchor_version, self.anchor_bytes)
-            state = state._replace(etag=None, last_modified=None, metadata_url=None)
         ch = state.channel(self.channel)
         return TrustedSet(start.root, channel=self.channel,
                           floors=Floors(ch.floor_version, _time(ch.floor_issued)),

@@ -197,6 +197,28 @@ def test_a_new_operators_anchor_supersedes_the_old_chain_and_its_validators(
         {1: other.anchor_bytes}
 
 
+def test_a_re_pin_cut_short_never_lets_a_304_bring_back_the_old_chains_release(
+        rig: Rig, tmp_path: Path) -> None:
+    """The box is re-pinned to another operator's anchor while its server still serves the
+    old repository, and the first run under the new anchor stops at a network error. The
+    validators must be gone on disk too: otherwise the next run's conditional request gets
+    a 304 and the release verified under the old chain (same root version, other keys) is
+    taken as trusted without ever meeting the new anchor's keys."""
+    rig.check()
+    other = RepoSim(tmp_path / "other")
+    other.release(5)
+    rig.box.trust_root = other.anchor
+    rig.box.write_config()
+    rig.server.set_fault(f"/{CHANNEL}", Fault(status=500))
+    with pytest.raises(DownloadHTTPError):
+        rig.check()
+    rig.server.clear_faults()
+    rig.requests()
+    with pytest.raises(UnsignedMetadataError):
+        rig.check()
+    assert rig.requests() == [(f"/{CHANNEL}", None, 200)]
+
+
 # --- the root walk --------------------------------------------------------------------------
 
 
