@@ -69,3 +69,52 @@ def test_refresh_force_recovers_a_rotation_cut_short(rolled: Path,  # noqa: F811
     with pytest.raises(PublishError, match="does not verify"):
         repo.refresh_release(rolled, keys_of(rolled), force=True)
     assert tree_digest(rolled) == before
+
+
+def test_history_entries_that_do_not_fit_their_line_are_ignored(rolled: Path) -> None:  # noqa: F811
+    """A genuine signed release copied into a history line that claims another version or
+    channel, or names a root the chain does not have, is no release of that channel."""
+    known = stage.signed_releases(rolled, "version.json")
+    lines = (rolled / ".history.jsonl").read_text().splitlines()
+    genuine = json.loads(lines[0])
+    forged = []
+    for field, value in (("version", 7), ("channel", "version-beta.json")):
+        forged.append({**genuine, field: value})
+    renamed = json.loads(json.dumps(genuine))
+    renamed["envelope"]["signed"]["root_version"] = 9  # signature broken too: still ignored
+    forged.append(renamed)
+    with (rolled / ".history.jsonl").open("a") as out:
+        for entry in forged:
+            out.write(json.dumps(entry) + "\n")
+    assert stage.signed_releases(rolled, "version.json") == known
+    assert stage.signed_releases(rolled, "version-beta.json") == []
+
+
+def test_status_shows_the_other_channels_when_one_file_is_broken(
+        rolled: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    (rolled / "version-beta.json").write_bytes(b"")  # a copy cut short, an editor's accident
+    rows = stage.status(rolled, [], NOW)
+    assert {row.release.channel for row in rows} == {"version.json"}
+    assert "version-beta.json is not shown: not valid JSON" in caplog.text
+
+
+def test_recall_refuses_a_package_that_is_no_regular_file(rolled: Path) -> None:  # noqa: F811
+    v1 = stage.signed_releases(rolled, "version.json")[0].release
+    package = rolled / v1.package.path
+    package.unlink()
+    package.mkdir()
+    before = tree_digest(rolled, exclude=(rolled / ".reports",))
+    assert cli.main(["recall", str(rolled), "--keys", str(keys_of(rolled))]) == 2
+    assert tree_digest(rolled, exclude=(rolled / ".reports",)) == before
+
+
+def test_an_unsigned_edit_of_another_channel_gives_recall_no_number(
+        rolled: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    """A beta file someone wrote by hand claims v50: the recall's number ignores it."""
+    doc = json.loads((rolled / "version.json").read_text())
+    doc["signed"].update(version=50, channel="version-beta.json")
+    (rolled / "version-beta.json").write_text(json.dumps(doc))
+    assert cli.main(["recall", str(rolled), "--keys", str(keys_of(rolled))]) == 0
+    recalled = parse_release(parse_envelope((rolled / "version.json").read_bytes()))
+    assert recalled.version == 3
+    assert "version-beta.json does not verify" in capsys.readouterr().err

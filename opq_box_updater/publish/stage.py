@@ -112,8 +112,12 @@ def status(repo: Path, boxes: Sequence[BoxView], now: datetime | None = None) ->
     now = normalize_now(now)
     rows: list[Health] = []
     for path in version_files(repo):
-        current = read_release(repo, path.name)
-        if current is None:
+        try:
+            current = read_release(repo, path.name)
+        except RepositoryError as exc:  # one broken channel file must not hide the others
+            logger.warning("%s is not shown: %s", path.name, exc)
+            continue
+        if current is None:  # removed since it was listed
             continue
         known = signed_releases(repo, path.name)
         newest = max([current.version, *(s.release.version for s in known)])
