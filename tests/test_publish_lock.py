@@ -189,3 +189,19 @@ def test_a_refused_package_leaves_nothing_in_the_repository(work: Path) -> None:
         repo.publish_release(work / "repo", work / "keys", work / "gone.zip", now=NOW)
     assert sorted(p.name for p in (work / "repo/packages").iterdir()) == before
     assert (work / "repo/version.json").read_bytes() == version_json
+
+
+def test_a_staging_copy_left_by_a_cut_publish_is_removed_by_the_next(work: Path) -> None:
+    """A power cut between staging and rename leaves packages/.package.*.tmp (a whole package
+    each, never served: a dot file). The next publish, holding the lock so that no other step
+    is staging, removes such leftovers instead of letting them fill the disk."""
+    packages = work / "repo" / "packages"
+    leftover = packages / ".package.k3x9_q.tmp"
+    leftover.write_bytes(b"PK\x03\x04 half a package")
+    kept = packages / ".package.notes"  # not a staging name: never touched
+    kept.write_bytes(b"operator's")
+    before = {p.name for p in packages.iterdir()} - {leftover.name}
+    release = repo.publish_release(work / "repo", work / "keys", work / "v2.zip", now=NOW)
+    after = {p.name for p in packages.iterdir()}
+    assert after == before | {Path(release.package.path).name}
+    assert kept.read_bytes() == b"operator's"

@@ -67,6 +67,8 @@ logger = logging.getLogger(__name__)
 
 ROOT_DIR = "root"
 PACKAGES_DIR = "packages"
+#: Staging copies made by :func:`store_package` (``mkstemp`` names).
+_STAGING_RE = re.compile(r"\.package\.[A-Za-z0-9_]+\.tmp")
 DEFAULT_VERSION_FILE = "version.json"
 VERSION_FILE_RE = CHANNEL_PATTERN
 _ROOT_FILE_RE = re.compile(r"([1-9][0-9]*)\.root\.json")
@@ -323,6 +325,11 @@ def store_package(repo: Path, package_zip: Path) -> Iterator[tuple[Path, Package
         raise PublishError(f"{package_zip}: no such file") from None
     folder = repo / PACKAGES_DIR
     folder.mkdir(exist_ok=True)
+    # A publish cut between staging and rename leaves a whole package behind; the caller
+    # holds the repository lock, so no other step is staging one now.
+    for entry in os.scandir(folder):
+        if _STAGING_RE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
     digest = hashlib.sha256()
     length = 0
     try:
