@@ -168,24 +168,38 @@ def _unit_setting(unit: str, key: str) -> list[str]:
     return re.findall(rf"^{key}=(.*)$", unit, re.MULTILINE)
 
 
+def test_the_unit_gives_its_runtime_directory_to_nginx_through_systemd() -> None:
+    """systemd (since v242, Debian 12 has 252) re-applies RuntimeDirectory='s owner, group and
+    mode before every Exec* command, so a chgrp in ExecStartPre is undone by ExecStart and
+    nginx is locked out of the 0750 directory (every report a 502). The group must be the
+    unit's own (Group=), and no Exec* line may change the directories systemd manages."""
+    unit = (PROJECT / "debian/opq-box-publisher.opq-box-collector.service").read_text()
+    assert _unit_setting(unit, "Group") == ["www-data"]
+    assert _unit_setting(unit, "DynamicUser") == ["yes"] and not _unit_setting(unit, "User")
+    managed = ["/run/" + d for d in _unit_setting(unit, "RuntimeDirectory")] + \
+        ["/var/lib/" + d for d in _unit_setting(unit, "StateDirectory")]
+    for key in ("ExecStartPre", "ExecStartPost", "ExecStart", "ExecReload"):
+        for line in _unit_setting(unit, key):
+            words = line.lstrip("+-!@:").split()
+            assert not (words and Path(words[0]).name in {"chgrp", "chown", "chmod"}
+                        and any(w.startswith(tuple(managed)) for w in words)), line
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as www-data and nobody")
 def test_only_nginx_can_reach_the_collector_socket() -> None:
     """gunicorn's sync workers are protected from half-sent requests by nginx's buffering;
     a local account connecting to the socket directly could hold every worker. The unit's
-    runtime directory (its mode, and the group its ExecStartPre gives it) must let www-data
-    in and keep everyone else out: rebuilt here from the unit's own lines."""
+    runtime directory (its mode, and the unit's group, which systemd gives it) must let
+    www-data in and keep everyone else out: rebuilt here from the unit's own lines."""
     unit = (PROJECT / "debian/opq-box-publisher.opq-box-collector.service").read_text()
-    runtime = "/run/" + _unit_setting(unit, "RuntimeDirectory")[0]
     mode = int(_unit_setting(unit, "RuntimeDirectoryMode")[0], 8)
-    chgrp = [line for line in _unit_setting(unit, "ExecStartPre")
-             if line.startswith("+") and line.split()[1:2] == ["www-data"]
-             and line.split()[-1] == runtime and line.split()[0].endswith("/chgrp")]
-    assert chgrp, "the unit no longer gives its runtime directory to www-data"
+    group = _unit_setting(unit, "Group")
+    assert group, "the unit no longer runs with the group www-data"
     base = Path(tempfile.mkdtemp(prefix="opq-run-", dir="/tmp"))  # www-data may enter /tmp
     os.chmod(base, 0o755)
     folder = base / "run"
     folder.mkdir()
-    os.chown(folder, 0, grp.getgrnam("www-data").gr_gid)  # root stands in for the service
+    os.chown(folder, 0, grp.getgrnam(group[0]).gr_gid)  # root stands in for the service
     os.chmod(folder, mode)
     server = socket.socket(socket.AF_UNIX)
     old = os.umask(0)  # the unit's --umask 0: the socket itself is 0666
