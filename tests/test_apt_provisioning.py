@@ -119,10 +119,17 @@ class World:
 
 def build_old_layout(tmp: Path, anchor: Path) -> dict[str, Path]:
     """opq-box-updater and opq-box-publisher 1.0.0 as released: built from git."""
-    present = subprocess.run(["git", "-C", str(PROJECT), "cat-file", "-e",
-                              OLD_LAYOUT_COMMIT + "^{commit}"], check=False)
-    if present.returncode != 0:
-        _unavailable(f"commit {OLD_LAYOUT_COMMIT[:12]} not in this clone (shallow?)")
+    def present() -> bool:
+        return subprocess.run(["git", "-C", str(PROJECT), "cat-file", "-e",
+                               OLD_LAYOUT_COMMIT + "^{commit}"], check=False,
+                              capture_output=True).returncode == 0
+
+    if not present():  # a shallow clone (CI's may be): fetch the history from its origin
+        subprocess.run(["git", "-C", str(PROJECT), "fetch", "--quiet", "--unshallow"],
+                       check=False, capture_output=True, timeout=300)
+    if not present():
+        _unavailable(f"commit {OLD_LAYOUT_COMMIT[:12]} not in this clone, and fetching the "
+                     "history from its origin did not bring it")
     src = tmp / "old-src"
     src.mkdir()
     archive = subprocess.run(["git", "-C", str(PROJECT), "archive", OLD_LAYOUT_COMMIT],
