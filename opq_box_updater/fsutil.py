@@ -73,6 +73,18 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = 
         handle.write(data)
 
 
+def open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` for reading only as a regular file: not through a symbolic link
+    (``ELOOP``), and not a FIFO or device (``OSError``), which would block or read without
+    end (a link to /dev/zero)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    handle = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        handle.close()
+        raise OSError(f"{path} is not a regular file")
+    return handle
+
+
 def unsafe_dir_reason(path: Path) -> str | None:
     """Why a directory that root writes into could be influenced by another local user, or
     ``None`` when it is safe: it must be a real directory (not a symlink), owned by the

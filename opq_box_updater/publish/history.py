@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError
+from ..fsutil import open_regular
 from ..metadata import format_time, parse_time
 
 logger = logging.getLogger(__name__)
@@ -102,16 +102,13 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """The file's lines, each read bounded: only a regular file (no symlink: a link to
     /dev/zero, a FIFO, would read without end or block the collector's page for ever)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        opened = open_regular(path)
     except FileNotFoundError:
         return
-    except OSError as exc:  # ELOOP: a symbolic link
+    except OSError as exc:  # ELOOP (a symbolic link), or not a regular file
         logger.warning("%s is not read (%s)", HISTORY_FILE, exc)
         return
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            logger.warning("%s is not a regular file; not read", HISTORY_FILE)
-            return
+    with opened as handle:
         number = 0
         while raw := handle.readline(MAX_LINE + 1):
             number += 1

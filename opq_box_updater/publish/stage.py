@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import stat
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from ..errors import RepositoryError
+from ..fsutil import open_regular
 from ..metadata import Release, parse_envelope, parse_release, verify_role
 from . import history
 from .build import rebuild_package
@@ -228,10 +227,7 @@ def _content(release: Release, releases: dict[int, Release]) -> int:
 def _copy_package(src: Path, dest: Path, length: int) -> None:
     """Copy at most ``length`` + 1 bytes of the regular file ``src`` (not through a symlink:
     a link to /dev/zero would copy without end; a FIFO would block)."""
-    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as fin, dest.open("wb") as fout:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{src} is not a regular file")
+    with open_regular(src) as fin, dest.open("wb") as fout:
         left = length + 1  # one byte past the signed length: a longer file fails the check
         while left and (chunk := fin.read(min(left, 1 << 20))):
             fout.write(chunk)
