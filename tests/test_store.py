@@ -269,3 +269,166 @@ def test_root_keeps_the_collectors_database_its_own(tmp_path: Path) -> None:
     assert [(p.stat().st_uid, p.stat().st_gid) for p in sides] == [(4242, 4243)] * 2
     assert db.stat().st_mode & 0o777 == 0o600
     again.close()
+
+
+# --- Paths that the suite above reaches only by chance (a lock held at the right moment,
+# a missing module): each is driven here on purpose, so the module's coverage, and the
+# behaviour behind it, do not depend on the timing of one run.
+
+def test_a_second_opener_waits_for_the_wal_switch_instead_of_failing(tmp_path: Path) -> None:
+    """A database locked by another writer while we switch to WAL: we wait and then
+    switch, as a second gunicorn worker must while the first one migrates."""
+    db = tmp_path / "reports.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    waited = threading.Event()
+    real_sleep = store_mod.time.sleep
+
+    def sleep_then_release(seconds: float) -> None:
+        waited.set()
+        holder.execute("COMMIT")
+        real_sleep(seconds)
+
+    conn = sqlite3.connect(db, timeout=0, isolation_level=None, check_same_thread=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(store_mod.time, "sleep", sleep_then_release)
+        store_mod._wal_mode(conn)
+    assert waited.is_set()
+    assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    conn.close()
+    holder.close()
+
+
+def test_a_lock_held_past_the_deadline_is_an_error_not_a_hang(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "reports.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    monkeypatch.setattr(store_mod, "BUSY_TIMEOUT", 0.2)
+    with pytest.raises(StoreError, match=r"cannot open the report database.*locked"):
+        open_store(f"sqlite:///{db}")
+    holder.execute("COMMIT")
+    holder.close()
+    open_store(f"sqlite:///{db}").close()  # and works once the lock is gone
+
+
+def test_an_error_other_than_a_lock_is_not_retried() -> None:
+    calls: list[str] = []
+
+    class Broken:
+        def execute(self, sql: str) -> None:
+            calls.append(sql)
+            raise sqlite3.OperationalError("disk I/O error")
+
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        store_mod._wal_mode(Broken())  # type: ignore[arg-type]
+    assert calls == ["PRAGMA journal_mode=WAL"]
+
+
+@pytest.mark.parametrize("value", [7, None, "", "x" * (store_mod.MAX_BOX_ID + 1),
+                                   " box", "box\n", "bo\0x"])
+def test_box_ids_a_real_box_never_sends_are_named(value: object) -> None:
+    assert store_mod.box_id_problem(value) is not None
+
+
+def test_box_ids_up_to_the_limit_are_kept() -> None:
+    assert store_mod.box_id_problem("x" * store_mod.MAX_BOX_ID) is None
+    assert store_mod.box_id_problem("box-1.campus") is None
+
+
+def test_a_named_store_imports_no_old_json_reports(tmp_path: Path) -> None:
+    """Only the repository's default store takes the development server's old files; a
+    store named with --store belongs to someone else."""
+    folder = tmp_path / "repo" / ".reports"
+    folder.mkdir(parents=True)
+    (folder / "box-7.json").write_text(json.dumps(
+        {"received": "2030-05-06T07:08:09Z", "report": {"box_id": "box-7"}}))
+    opened = open_repo_store(tmp_path / "repo", f"sqlite:///{tmp_path}/other.db")
+    assert opened.latest() == []
+    assert (folder / "box-7.json").exists()
+    opened.close()
+
+
+def test_postgresql_without_psycopg2_names_the_package(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "psycopg2", None)
+    with pytest.raises(StoreError, match="apt-get install python3-psycopg2"):
+        open_store("postgresql://nobody@localhost/opq")
+
+
+def test_a_postgresql_url_with_its_own_connect_timeout_keeps_it(
+        pg_server: Any) -> None:
+    pg_server.reset()
+    opened = open_store(pg_server.dsn + " connect_timeout=3")
+    assert opened.latest() == []
+    opened.close()
+
+
+def test_a_read_that_fails_in_the_database_is_a_store_error_and_reconnects(
+        tmp_path: Path) -> None:
+    opened = open_store(f"sqlite:///{tmp_path}/reports.db")
+    assert isinstance(opened, SqlStore)
+    opened.add(ReportRecord("b", NOW, "-", {"box_id": "b"}, UNSIGNED, None))
+    # Another process breaks the schema under the open connection.
+    other = sqlite3.connect(tmp_path / "reports.db", isolation_level=None)
+    other.execute("ALTER TABLE reports RENAME TO gone")
+    other.close()
+    with pytest.raises(StoreError, match=r"the report store failed .*try again"):
+        opened.latest()
+    assert getattr(opened._local, "conn", None) is None  # dropped: the next call reconnects
+    opened.close()
+
+
+def test_a_read_that_fails_outside_the_database_is_raised_as_is(tmp_path: Path) -> None:
+    """Only database errors become the collector's "try again" (503); anything else is a
+    bug and keeps its own type and traceback."""
+    opened = open_store(f"sqlite:///{tmp_path}/reports.db")
+    assert isinstance(opened, SqlStore)
+    opened.add(ReportRecord("b", NOW, "-", {"box_id": "b"}, UNSIGNED, None))
+    conn = opened._conn()
+
+    class Cursor:
+        def __init__(self) -> None:
+            self.inner = conn.cursor()
+
+        def execute(self, *args: Any) -> None:
+            self.inner.execute(*args)
+
+        def fetchall(self) -> list[Any]:
+            raise KeyError("not a database error")
+
+        def close(self) -> None:
+            self.inner.close()
+
+    class Conn:
+        def cursor(self) -> Cursor:
+            return Cursor()
+
+    opened._local.conn = Conn()
+    with pytest.raises(KeyError, match="not a database error"):
+        opened.latest()
+    opened._local.conn = conn
+    assert [r.box_id for r in opened.latest()] == ["b"]
+    opened.close()
+
+
+def test_admit_takes_only_signed_reports(store: SqlStore) -> None:
+    with pytest.raises(ValueError, match="signed report"):
+        store.admit(ReportRecord("b", NOW, "-", {"box_id": "b"}, UNSIGNED, None))
+    assert store.latest() == []
+
+
+def test_accept_without_a_key_needs_a_box_that_has_one(store: SqlStore) -> None:
+    """A box row without a key (the schema allows it) cannot be accepted by its current
+    key: the operator must name one seen in its conflicts."""
+    with store._write() as cur:
+        cur.execute(store._sql("INSERT INTO boxes (box_id, state, key_id, public_key, counter, "
+                               "first_seen, last_seen) VALUES (?,?,?,?,?,?,?)"),
+                    ("old", REJECTED, None, None, 0, "2031-01-01T00:00:00Z",
+                     "2031-01-01T00:00:00Z"))
+    with pytest.raises(StoreError, match="has no key to accept"):
+        store.accept("old", None)
+    box = store.box("old")
+    assert box is not None and (box.state, box.key_id) == (REJECTED, None)
