@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlencode
 
 from opq_box_updater.publish import build, fleetpage, fleetweb, repo, rollout
 from opq_box_updater.publish.collector import Collector
@@ -141,7 +142,10 @@ def test_filters_by_release_result_and_channel() -> None:
     assert len(shown("release=x2")) == 5 and len(shown("release=%D9%A2")) == 5  # ignored
     page = fleetpage.fleet_page(fleet(), health_rows(), [], fleetpage.Filters.parse(
         "release=2"), NOW).decode()
-    assert "2 of 5 boxes shown" in page and '<option value="2" selected>' in page
+    assert "boxes 1&ndash;2 of 2 matching the filters (5 in the fleet)" in page
+    assert '<option value="2" selected>' in page
+    assert "no box matches the filters (5 in the fleet)" in fleetpage.fleet_page(
+        fleet(), health_rows(), [], fleetpage.Filters.parse("result=nothing"), NOW).decode()
 
 
 def test_box_page_shows_the_history_escaped() -> None:
@@ -168,6 +172,103 @@ def test_long_box_text_is_cut() -> None:
     row = boxes_of(parse(page))["x" * fleetpage.MAX_TEXT + "…"]
     assert row[3] == "y" * fleetpage.MAX_TEXT + "…" and row[5] == "z" * fleetpage.MAX_TEXT + "…"
     assert f'href="box/{long_id}"'.encode() in page  # the link still names the whole id
+
+
+# --- pages of the boxes table --------------------------------------------------------------
+
+
+def many(count: int) -> list[ReportRecord]:
+    """``count`` boxes ``box-0000``…, every third apply-failed, every seventh stale."""
+    return [rec(f"box-{n:04d}", "apply-failed" if n % 3 == 0 else "updated", 1 + n % 2,
+                received=NOW - (3 * DAY if n % 7 == 0 else DAY)) for n in range(count)]
+
+
+def page_of(records: list[ReportRecord], query: str) -> tuple[str, Cells]:
+    args = fleetpage.parse_query(query)
+    page = fleetpage.fleet_page(records, [], [], fleetpage.Filters.from_query(args), NOW,
+                                page=fleetpage.requested_page(args))
+    return page.decode("utf-8"), parse(page)
+
+
+def test_the_boxes_table_is_cut_into_pages_at_the_boundaries() -> None:
+    size = fleetpage.PAGE_SIZE
+    records = many(2 * size + 1)
+    text, cells = page_of(records, "")
+    assert sorted(boxes_of(cells)) == [f"box-{n:04d}" for n in range(size)]
+    assert f"boxes 1&ndash;{size} of {2 * size + 1}<" in text and "page 1 of 3: " in text
+    assert '<a rel="next" href="?page=2">next</a> <a rel="last" href="?page=3">last</a>' \
+        in text and 'rel="prev"' not in text and 'rel="first"' not in text
+    assert text.count('class="pages"') == 2  # above and below the table
+    text, cells = page_of(records, "page=2")
+    assert sorted(boxes_of(cells)) == [f"box-{n:04d}" for n in range(size, 2 * size)]
+    assert f"boxes {size + 1}&ndash;{2 * size} of {2 * size + 1}<" in text
+    assert '<a rel="first" href="?page=1">first</a> <a rel="prev" href="?page=1">previous' \
+           '</a> <a rel="next" href="?page=3">next</a>' in text
+    text, cells = page_of(records, "page=3")
+    assert list(boxes_of(cells)) == [f"box-{2 * size:04d}"]
+    assert f"boxes {2 * size + 1}&ndash;{2 * size + 1} of" in text and 'rel="next"' not in text
+    # Exactly two pages' worth: no empty third page.
+    text, cells = page_of(records[:2 * size], "page=3")
+    assert len(boxes_of(cells)) == size and "page 2 of 2: " in text
+    # One page: no pager at all.
+    text, cells = page_of(records[:size], "")
+    assert len(boxes_of(cells)) == size and 'class="pages"' not in text
+
+
+def test_a_bad_or_huge_page_number_gives_the_first_or_the_last_page() -> None:
+    records = many(fleetpage.PAGE_SIZE + 5)
+    for query in ("", "page=", "page=0", "page=-1", "page=1.5", "page=x", "page=%D9%A2",
+                  "page=%00", "page=1&page=2", "page=" + "%FF" * 10):
+        assert "page 1 of 2: " in page_of(records, query)[0], query
+    for query in ("page=2", "page=3", "page=999999999999999999", "page=" + "9" * 5000,
+                  "page=2&page=1"):
+        text, cells = page_of(records, query)
+        assert "page 2 of 2: " in text and len(boxes_of(cells)) == 5, query[:40]
+    # No box at all: page 1 of nothing, whatever was asked.
+    text, cells = page_of([], "page=7")
+    assert boxes_of(cells) == {} and "no box has reported yet" in text
+
+
+def test_page_links_keep_every_filter_escaped() -> None:
+    hostile = ('"><script>alert(1)</script>&page=9&release=1#x', "chan nel/é?&=%")
+    records = [rec(f"box-{n:04d}", hostile[0], 2, channel=hostile[1])
+               for n in range(2 * fleetpage.PAGE_SIZE + 1)] + many(50)
+    query = "release=2&" + urlencode({"result": hostile[0], "channel": hostile[1],
+                                      "page": "2"})
+    text, cells = page_of(records, query)
+    assert "<script" not in text and "script" not in cells.tags
+    assert sorted(boxes_of(cells)) == [f"box-{n:04d}" for n in range(
+        fleetpage.PAGE_SIZE, 2 * fleetpage.PAGE_SIZE)]
+    expected = {"release": ["2"], "result": [hostile[0]], "channel": [hostile[1]]}
+    links = [href for href in cells.hrefs if href.startswith("?")]
+    assert len(links) == 8  # first, previous, next, last; twice
+    for href in links:
+        assert "#" not in href and "/" not in href and " " not in href  # relative, encoded
+        args = parse_qs(href[1:], keep_blank_values=True)
+        assert {k: v for k, v in args.items() if k != "page"} == expected, href
+    assert sorted({parse_qs(h[1:])["page"][0] for h in links}) == ["1", "3"]
+    # Followed, a link selects the same boxes and keeps its place.
+    text, cells = page_of(records, cells.hrefs[cells.hrefs.index(links[2])][1:])
+    assert list(boxes_of(cells)) == [f"box-{2 * fleetpage.PAGE_SIZE:04d}"]
+    assert "page 3 of 3: " in text
+
+
+def test_counts_and_choices_are_over_the_whole_fleet_and_order_is_by_code_point() -> None:
+    records = [*many(3 * fleetpage.PAGE_SIZE)[::-1], rec("Zulu", "weird-result", 9),
+               rec("_x", "updated", 1)]
+    total, stale = len(records), sum(1 for n in range(3 * fleetpage.PAGE_SIZE) if n % 7 == 0)
+    first_text, first = page_of(records, "")
+    last_text, last = page_of(records, "page=4")
+    for text in (first_text, last_text):
+        assert f"<p>{total} boxes, {stale} stale (no report" in text
+        # The form offers what the whole fleet has, not what this page shows.
+        assert '<option value="weird-result">' in text and '<option value="9">' in text
+    assert list(boxes_of(first))[:2] == ["Zulu", "_x"]  # "Z" < "_" < "b", as str sorts
+    assert list(boxes_of(last))[-1] == f"box-{3 * fleetpage.PAGE_SIZE - 1:04d}"
+    # 200 of the 602 failed: one page of them, so page 2 is that page.
+    text, cells = page_of(records, "result=apply-failed&page=2")
+    assert f"boxes 1&ndash;200 of 200 matching the filters ({total} in the fleet)" in text
+    assert len(boxes_of(cells)) == 200 and 'class="pages"' not in text
 
 
 # --- the routes over a real store and repository --------------------------------------------

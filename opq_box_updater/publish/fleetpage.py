@@ -1,9 +1,11 @@
 """The fleet page (issue 10, item 4): server-rendered HTML, no JavaScript. No I/O.
 
-``/`` lists every known box (id, channel, installed release, last result, last seen, a stale
-marker), filtered by the query string (``release``, ``result``, ``channel``), under the
-rollout numbers of each channel's releases (:mod:`.rollout`) and above the conflicts (reports
-signed by another key than the one a box id is known by). ``/box/<id>`` shows one box's
+``/`` lists the known boxes (id, channel, installed release, last result, last seen, a stale
+marker), filtered by the query string (``release``, ``result``, ``channel``) and
+:data:`PAGE_SIZE` rows a page (``page``, 1-based, with links to the other pages that keep
+the filters), under the rollout numbers of each channel's releases (:mod:`.rollout`, over
+the whole fleet, not the page) and above the conflicts (reports signed by another key than
+the one a box id is known by). ``/box/<id>`` shows one box's
 history. The collector's WSGI application serves both (:func:`route`).
 
 Everything a box sent is hostile: it goes through :func:`shown` (control and bidi characters
@@ -15,11 +17,12 @@ allows no script at all, so an escaping mistake could still not run one.
 from __future__ import annotations
 
 import html
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, urlencode
 
 from ..metadata import format_time
 from .common import printable
@@ -35,6 +38,9 @@ HEADERS = (("Content-Type", "text/html; charset=utf-8"),
 MAX_TEXT = 200  # characters of a box-sent string shown in a table cell
 #: The newest conflicts the page shows (the count says how many there are).
 CONFLICTS_SHOWN = 200
+#: Rows of the boxes table on one page: a fleet of 10 000 boxes in one table was 4.6 MB of
+#: HTML a browser took seconds to lay out (docs/performance.md, "Fleet page").
+PAGE_SIZE = 200
 _STYLE = """body{font-family:sans-serif;margin:1em 2em}table{border-collapse:collapse;
 margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:.2em .5em;text-align:left;
 vertical-align:top}td.n{text-align:right}.stale{color:#a00;font-weight:bold}
@@ -91,6 +97,27 @@ class Filters:
                 and (self.result is None or box.result == self.result)
                 and (self.channel is None or box.channel == self.channel))
 
+    def active(self) -> bool:
+        return (self.release, self.result, self.channel) != (None, None, None)
+
+    def href(self, page: int) -> str:
+        """A relative link (works below any prefix) to ``page`` of the list with these
+        filters, every value percent-encoded; to be HTML-escaped into an attribute."""
+        pairs = [(name, str(value)) for name, value in (
+            ("release", self.release), ("result", self.result), ("channel", self.channel))
+            if value is not None]
+        return "?" + urlencode([*pairs, ("page", str(page))], quote_via=quote, safe="")
+
+
+def requested_page(args: Mapping[str, Sequence[str]]) -> int:
+    """The 1-based page a parsed query string asks for: 1 when it names none or something
+    that is not a number; a number too long to be a page is past the last one (and so
+    shows the last page, as any page past it does)."""
+    value = (args.get("page") or [""])[0]
+    if not (value.isascii() and value.isdigit()):
+        return 1
+    return int(value) if len(value) < 19 else sys.maxsize
+
 
 def _page(title: str, body: list[str]) -> bytes:
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -146,26 +173,59 @@ def _filter_form(filters: Filters, boxes: Sequence[BoxView]) -> str:
             + '<button type="submit">filter</button> <a href=".">all boxes</a></form>')
 
 
+def _count(first: int, last: int, kept: int, total: int, filtered: bool) -> str:
+    fleet = f"{total} in the fleet"
+    if not kept:
+        return ("no box matches the filters (" + fleet + ")" if filtered
+                else "no box has reported yet")
+    return f"boxes {first}&ndash;{last} of {kept}" + (f" matching the filters ({fleet})"
+                                                if filtered else "")
+
+
+def _pager(filters: Filters, page: int, pages: int) -> str:
+    """Links to the first, previous, next and last page, keeping the filters; none on a
+    single page."""
+    if pages <= 1:
+        return ""
+    links = [(rel, text, target) for rel, text, target, present in (
+        ("first", "first", 1, page > 1), ("prev", "previous", page - 1, page > 1),
+        ("next", "next", page + 1, page < pages), ("last", "last", pages, page < pages))
+        if present]
+    return (f'<p class="pages">page {page} of {pages}: ' + " ".join(
+        f'<a rel="{rel}" href="{html.escape(filters.href(target))}">{text}</a>'
+        for rel, text, target in links) + "</p>")
+
+
 def fleet_page(records: Sequence[Record], health_rows: Sequence[Health],
                conflicts: Sequence[Any], filters: Filters, now: datetime,
-               conflict_count: int | None = None) -> bytes:
-    """``/``: the rollouts, the filtered boxes and the conflicts. ``records`` are the newest
-    report of each box (the store's ``latest()``), ``conflicts`` the newest of the store's
-    ``conflicts()`` (:data:`CONFLICTS_SHOWN` are shown) and ``conflict_count`` how many
-    there are (default: ``len(conflicts)``)."""
+               conflict_count: int | None = None, page: int = 1,
+               page_size: int = PAGE_SIZE) -> bytes:
+    """``/``: the rollouts, one page of the filtered boxes and the conflicts. ``records``
+    are the newest report of each box (the store's ``latest()``), ``conflicts`` the newest
+    of the store's ``conflicts()`` (:data:`CONFLICTS_SHOWN` are shown) and
+    ``conflict_count`` how many there are (default: ``len(conflicts)``). ``page`` is the
+    1-based page asked for, brought into range (below 1: the first, past the end: the
+    last); the boxes are in box id order (Python's, not the database's collation, so that
+    a page holds the same boxes on SQLite and PostgreSQL)."""
     if conflict_count is None:
         conflict_count = len(conflicts)
-    boxes = [box_view(r) for r in records]
+    boxes = sorted((box_view(r) for r in records), key=lambda b: b.box_id)
     kept = [b for b in boxes if filters.keep(b)]
+    pages = max(1, -(-len(kept) // page_size))
+    page = min(max(page, 1), pages)
+    start = (page - 1) * page_size
+    on_page = kept[start:start + page_size]
     current = {h.release.channel: h.release for h in reversed(health_rows)}
     stale = sum(1 for b in boxes if b.stale(now))
+    pager = _pager(filters, page, pages)
     body = [f"<h1>OPQ Box fleet</h1>\n<p>{len(boxes)} boxes, {stale} stale (no report for "
             f"more than two days), {conflict_count} conflicting reports; "
             f"{html.escape(format_time(now))}</p>",
             rollout_section(health_rows), "<h2>Boxes</h2>", _filter_form(filters, boxes),
-            f'<p class="count">{len(kept)} of {len(boxes)} boxes shown</p>']
+            '<p class="count">' + _count(start + 1, start + len(on_page), len(kept),
+                                         len(boxes), filters.active()) + "</p>", pager]
     rows = []
-    for b in kept:
+    for b in on_page:
         release = current.get(b.channel)
         failed = release is not None and is_failed(b, release)
         rows.append([
@@ -177,6 +237,7 @@ def fleet_page(records: Sequence[Record], health_rows: Sequence[Health],
             _td(shown(b.error or ""))])
     body.append(_table(("box", "channel", "installed", "last result", "last seen", "error"),
                        rows, "boxes"))
+    body.append(pager)
     body.append("<h2>Conflicts</h2>\n<p>Reports signed by another key than the one the box "
                 "id is known by: stored, never merged (opq-box-publish boxes).</p>")
     body.append(_table(("box", "received", "from", "key", "result"), [[

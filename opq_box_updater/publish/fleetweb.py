@@ -34,13 +34,21 @@ def _health(repo: Path | None, latest: list[ReportRecord], now: datetime) -> lis
 
 def fleet(store: Store, query: Mapping[str, Sequence[str]], repo: Path | None,
           now: datetime) -> Page:
-    """``/``: rollouts, the boxes the filters of the parsed query string select,
-    conflicts."""
+    """``/``: rollouts, the page the parsed query string asks for of the boxes its filters
+    select, conflicts.
+
+    The newest report of every box is read once (one indexed query over ``latest``) and
+    filtered and sliced here, not in SQL: the rollout numbers, the stale count and the
+    filter form's choices need every box anyway, and the filters are over what boxes sent
+    (``rollout.box_view``'s type rules: ``true`` is no version, another channel's install
+    is 0), which SQLite's ``json_extract`` and PostgreSQL's ``jsonb`` would each have to
+    repeat exactly. Only the page's rows are rendered (docs/performance.md, "Fleet page")."""
     latest = store.latest()
     page = fleetpage.fleet_page(latest, _health(repo, latest, now),
                                 store.conflicts(limit=fleetpage.CONFLICTS_SHOWN),
                                 fleetpage.Filters.from_query(query), now,
-                                conflict_count=store.conflict_count())
+                                conflict_count=store.conflict_count(),
+                                page=fleetpage.requested_page(query))
     return 200, page, fleetpage.HEADERS
 
 
