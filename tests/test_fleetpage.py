@@ -6,15 +6,17 @@ back as the same visible text (control and bidi characters as escapes), never as
 
 from __future__ import annotations
 
+import html
+import re
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
 from opq_box_updater.publish import build, fleetpage, fleetweb, repo, rollout
 from opq_box_updater.publish.collector import Collector
-from opq_box_updater.publish.store import ReportRecord, default_store_url, open_store
+from opq_box_updater.publish.store import ReportRecord, SqlStore, default_store_url, open_store
 
 NOW = datetime(2031, 3, 1, 12, 0, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -336,6 +338,54 @@ def test_the_collector_serves_the_pages(tmp_path: Path) -> None:
     assert get("/", "POST")[0].startswith("405") and get("/", "HEAD")[2] == b""
 
 
+def test_the_collector_pages_with_rollout_numbers_of_the_whole_fleet(tmp_path: Path) -> None:
+    """Through the WSGI application below a prefix, as nginx serves it: every page carries
+    the rollout numbers of all the boxes, and its "next" link, resolved as a browser does,
+    leads to the next page with the same filters."""
+    repo_dir, keydir = tmp_path / "repo", tmp_path / "keys"
+    repo.init_repo(repo_dir, keydir, now=NOW - 10 * DAY)
+    (tmp_path / "update.sh").write_text("#!/bin/sh\ntrue\n")
+    build.build_package(tmp_path / "p2.zip", version=2, run=tmp_path / "update.sh")
+    repo.publish_release(repo_dir, keydir, tmp_path / "p2.zip", rollout=50, now=NOW - 2 * DAY)
+    url = "sqlite:///" + str(tmp_path / "reports.db")
+    store = open_store(url)
+    assert isinstance(store, SqlStore)
+    records = many(2 * fleetpage.PAGE_SIZE + 50)
+    with store._write() as cur:  # one transaction: 450 fsyncs would be most of the test
+        for record in records:
+            store._insert(cur, record)
+    store.close()
+    app = Collector(url, clock=lambda: NOW, repo=repo_dir)
+
+    def get(target: str) -> tuple[str, Cells]:
+        parts = urlsplit(target)
+        seen: list[Any] = []
+        body = b"".join(app({"REQUEST_METHOD": "GET", "PATH_INFO": "/",
+                             "QUERY_STRING": parts.query, "REMOTE_ADDR": "127.0.0.1"},
+                            lambda status, headers: seen.append(status)))
+        assert seen == ["200 OK"]
+        return body.decode(), parse(body)
+
+    whole = rollout.health(rollout.ReleaseRef("version.json", 2, 50, NOW - 2 * DAY),
+                           rollout.latest_views(records), NOW)
+    expected = [["version.json", "v2", "50%", "", *(str(n) for n in (
+        whole.boxes, whole.in_bucket, whole.updated, whole.failed, whole.waiting,
+        whole.not_seen, whole.stale)), f"{whole.failure_rate:.1f}%"]]
+    assert whole.boxes == len(records) and whole.failed > 0
+    target, pages = "https://emilia.example.org/fleet/?result=updated", []
+    while True:
+        text, cells = get(target)
+        assert cells.tables["rollouts"][1:] == expected, target
+        pages.append(list(boxes_of(cells)))
+        nexts = re.findall(r'<a rel="next" href="([^"]*)">', text)
+        if not nexts:
+            break
+        target = urljoin(target, html.unescape(nexts[0]))
+        assert target.startswith("https://emilia.example.org/fleet/?result=updated&page=")
+    updated = [r.box_id for r in records if r.report["last_result"] == "updated"]
+    assert [len(p) for p in pages] == [200, 100] and [b for p in pages for b in p] == updated
+
+
 def test_hostile_query_strings_get_a_page_never_an_error(tmp_path: Path) -> None:
     """Repeated keys past the parser's field cap, huge and non-UTF-8 values, unicode:
     the page is served (filters that make no sense are ignored), never a 500."""
@@ -355,7 +405,9 @@ def test_hostile_query_strings_get_a_page_never_an_error(tmp_path: Path) -> None
 
     for query in ("&".join(["result=x"] * 51), "&" * 5000, ";".join(["a=1"] * 60),
                   "result=" + "é" * 5000, "release=" + "9" * 5000, "release=%FF%FE",
-                  "result=%00%1b%5B2J", "channel=..%2F..%2Fetc&release=2&release=3"):
+                  "result=%00%1b%5B2J", "channel=..%2F..%2Fetc&release=2&release=3",
+                  "page=" + "9" * 5000, "page=%FF%FE", "page=-1&page=2", "page=1e9",
+                  "page=" + "\uff11" * 3):
         status, body = get(query)
         assert status == "200 OK", (query[:40], status)
         assert b"\x1b" not in body

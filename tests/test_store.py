@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 
+from opq_box_updater.publish import fleetpage, fleetweb
 from opq_box_updater.publish import store as store_mod
 from opq_box_updater.publish.store import (
     ACCEPTED,
@@ -432,3 +435,32 @@ def test_accept_without_a_key_needs_a_box_that_has_one(store: SqlStore) -> None:
         store.accept("old", None)
     box = store.box("old")
     assert box is not None and (box.state, box.key_id) == (REJECTED, None)
+
+
+def test_the_fleet_page_holds_the_same_boxes_on_both_stores(store: SqlStore) -> None:
+    """The page is cut from ``latest()`` in Python's code-point order, not the database's:
+    a PostgreSQL cluster made in an ``en_US`` locale sorts ``Box-A`` after ``box-230``
+    (here: the column given ICU's English collation), SQLite sorts it before."""
+    ids = ([f"box-{n:03d}" for n in range(240)] + [f"Box-{c}" for c in "ABCDEFGHIJ"]
+           + ["_x", "é", "Zulu"])
+    with store._write() as cur:
+        if store._postgres:
+            cur.execute('ALTER TABLE latest ALTER COLUMN box_id TYPE TEXT COLLATE "en-x-icu"')
+        for n, box in enumerate(ids):
+            store._insert(cur, ReportRecord(
+                box, NOW, "-", {"box_id": box, "installed_version": 1 + n % 2,
+                                "last_result": "updated"}, UNSIGNED, None))
+    if store._postgres:  # the database's own order does differ: the test means something
+        assert [r.box_id for r in store.latest()][:2] == ["_x", "box-000"]
+    expected = sorted(ids)
+    size = fleetpage.PAGE_SIZE
+
+    def listed(query: dict[str, list[str]]) -> list[str]:
+        status, body, _ = fleetweb.fleet(store, query, None, NOW)
+        assert status == 200
+        return [unquote(href) for href in re.findall(r'<a href="box/([^"]*)">', body.decode())]
+
+    assert listed({}) == expected[:size]
+    assert listed({"page": ["2"]}) == listed({"page": ["99"]}) == expected[size:]
+    release_1 = [b for n, b in enumerate(ids) if n % 2 == 0]
+    assert listed({"release": ["1"]}) == sorted(release_1)
