@@ -6,27 +6,36 @@ Asserted: the content (boxes, stale marker, rollout numbers, conflicts), the fil
 and the form, which needs no JavaScript), a box's history page, and that hostile box text is
 shown as text and never acts: no script changes ``document.title``, no ``<img onerror>``
 element exists, an injected ``<style>`` hides nothing (style is allowed inline, so only the
-escaping stops that one), control and bidi characters are shown as escapes. One store, one
-server and one browser for the module.
+escaping stops that one), control and bidi characters are shown as escapes. Then a fleet of
+more boxes than a page holds, in a second browser with JavaScript switched off: "next" and
+"previous" lead through the pages and keep a hostile filter. Two stores, two servers and two
+browsers for the module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from socketserver import ThreadingMixIn
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 from conftest import require_tool
 
-from opq_box_updater.publish import build, repo
+from opq_box_updater.publish import build, fleetpage, repo
 from opq_box_updater.publish.collector import Collector
-from opq_box_updater.publish.store import ReportRecord, default_store_url, open_store
+from opq_box_updater.publish.store import (
+    ReportRecord,
+    SqlStore,
+    default_store_url,
+    open_store,
+)
 
 NOW = datetime(2031, 3, 1, 12, 0, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -75,6 +84,20 @@ class ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
 
+@contextlib.contextmanager
+def serving(app: Collector) -> Iterator[str]:
+    """``app`` on 127.0.0.1 (an unused port), in a thread; yields its base URL."""
+    server = make_server("127.0.0.1", 0, app, server_class=ThreadingServer,
+                         handler_class=QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A repository with v1 at 100 % and v2 at 10 %, its store seeded, the collector on
@@ -92,35 +115,59 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     for record in SEED:
         store.add(record)
     store.close()
-    app = Collector(default_store_url(repo_dir), clock=lambda: NOW, repo=repo_dir)
-    server = make_server("127.0.0.1", 0, app, server_class=ThreadingServer,
-                         handler_class=QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Collector(default_store_url(repo_dir), clock=lambda: NOW,
+                           repo=repo_dir)) as url:
+        yield url
+
+
+#: More boxes than two pages hold, every other one with the hostile result.
+BIG = 2 * fleetpage.PAGE_SIZE + 30
+HOSTILE = "<b>'\"&page=9&result=x#top</b>"
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def big_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """:data:`BIG` boxes in a store of their own (no repository: no rollout table)."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('big')}/reports.db"
+    store = open_store(url)
+    assert isinstance(store, SqlStore)
+    with store._write() as cur:  # one transaction, not one fsync per box
+        for n in range(BIG):
+            store._insert(cur, rec(f"box-{n:04d}", HOSTILE if n % 2 else "updated", 1))
+    store.close()
+    with serving(Collector(url, clock=lambda: NOW)) as base:
+        yield base
+
+
+def chromium(javascript: bool) -> Iterator[Any]:
     webdriver = selenium_webdriver()
-    chromium = require_tool("chromium")
+    binary = require_tool("chromium")
     driver_path = require_tool("chromedriver")
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    options.binary_location = chromium
+    options.binary_location = binary
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--window-size=1400,1000"):
         options.add_argument(arg)  # --no-sandbox: the tests may run as root
+    if not javascript:  # as a user who switched it off: 2 is "block" for every site
+        options.add_experimental_option(
+            "prefs", {"profile.managed_default_content_settings.javascript": 2})
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    yield from chromium(javascript=True)
+
+
+@pytest.fixture(scope="module")
+def browser_no_js() -> Iterator[Any]:
+    yield from chromium(javascript=False)
 
 
 def arrived(driver: Any, url_part: str) -> None:
@@ -194,6 +241,43 @@ def test_box_history_page(browser: Any, site: str) -> None:
     assert browser.title == "Box " + SCRIPT  # the text, not a script that ran
     browser.get(site + "/box/" + quote("no such box"))
     assert browser.find_element("tag name", "h1").text == "Not found"
+
+
+def listed(driver: Any) -> list[str]:
+    """The box ids of the boxes table, from one read of the page (200 rows read cell by
+    cell through the driver took seconds)."""
+    table = driver.page_source.split('<table class="boxes">', 1)[1].split("</table>", 1)[0]
+    return re.findall(r'<td><a href="box/([^"]*)">', table)
+
+
+def test_pages_are_followed_with_javascript_off(browser_no_js: Any, big_site: str) -> None:
+    browser = browser_no_js
+    # JavaScript is really off in this browser: a page's own script does not run.
+    browser.get("data:text/html,<p id=p>off</p><script>document.getElementById('p')"
+                ".textContent='on'</script>")
+    assert browser.find_element("id", "p").text == "off"
+    selected = [f"box-{n:04d}" for n in range(1, BIG, 2)]  # the boxes with HOSTILE
+    size = fleetpage.PAGE_SIZE
+    browser.get(big_site + "/?" + urlencode({"result": HOSTILE}))
+    assert listed(browser) == selected[:size]
+    assert browser.find_element("css selector", "p.count").text == \
+        f"boxes 1\u2013{size} of {len(selected)} matching the filters ({BIG} in the fleet)"
+    assert browser.find_elements("tag name", "b") == []  # the filter's value is text
+    browser.find_element("link text", "next").click()
+    wait_for(browser, 30).until(lambda d: "page=2" in d.current_url)
+    assert parse_qs(urlsplit(browser.current_url).query) == {"result": [HOSTILE],
+                                                             "page": ["2"]}
+    assert listed(browser) == selected[size:]
+    assert browser.find_element("css selector", "p.pages").text.startswith("page 2 of 2")
+    assert browser.find_elements("link text", "next") == []
+    browser.find_element("link text", "previous").click()
+    wait_for(browser, 30).until(lambda d: "page=1" in d.current_url)
+    assert listed(browser) == selected[:size]
+    # Unfiltered: three pages; the last one from the pager's "last" link.
+    browser.get(big_site + "/")
+    browser.find_element("link text", "last").click()
+    wait_for(browser, 30).until(lambda d: "page=3" in d.current_url)
+    assert listed(browser) == [f"box-{n:04d}" for n in range(2 * size, BIG)]
 
 
 def wait_for(driver: Any, timeout: float) -> Any:
