@@ -80,6 +80,14 @@ bench-reports: venv
 	@scripts/need-apt $(TEST_DEBS)
 	$(VPY) -m bench.reports $(BENCH_REPORTS_ARGS)
 
+# The fleet page at fleet scale: bytes and time to serve 10 000 boxes paged and in one table
+# (the baseline, same run), on SQLite and PostgreSQL, and chromium loading each
+# (bench/fleetpage.py, docs/performance.md). BENCH_PAGE_ARGS="--boxes 2000 --no-browser".
+.PHONY: bench-page
+bench-page: venv
+	@scripts/need-apt $(TEST_DEBS)
+	$(VPY) -m bench.fleetpage $(BENCH_PAGE_ARGS)
+
 # Coverage-guided fuzzing (atheris) of the parsers that read hostile bytes: JSON, roots,
 # releases, manifests, zips, .debs (fuzz/run.py). FUZZ_TIME seconds per target;
 # FUZZ_ARGS="--runs 1000000 zip" picks inputs and targets. Scratch in $TMPDIR/opq-fuzz.

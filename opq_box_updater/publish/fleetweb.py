@@ -33,7 +33,7 @@ def _health(repo: Path | None, latest: list[ReportRecord], now: datetime) -> lis
 
 
 def fleet(store: Store, query: Mapping[str, Sequence[str]], repo: Path | None,
-          now: datetime) -> Page:
+          now: datetime, page_size: int = fleetpage.PAGE_SIZE) -> Page:
     """``/``: rollouts, the page the parsed query string asks for of the boxes its filters
     select, conflicts.
 
@@ -42,13 +42,14 @@ def fleet(store: Store, query: Mapping[str, Sequence[str]], repo: Path | None,
     filter form's choices need every box anyway, and the filters are over what boxes sent
     (``rollout.box_view``'s type rules: ``true`` is no version, another channel's install
     is 0), which SQLite's ``json_extract`` and PostgreSQL's ``jsonb`` would each have to
-    repeat exactly. Only the page's rows are rendered (docs/performance.md, "Fleet page")."""
+    repeat exactly. Only the page's rows are rendered (docs/performance.md, "Fleet page":
+    ``bench/fleetpage.py`` renders the fleet in one table, as before, with ``page_size``)."""
     latest = store.latest()
     page = fleetpage.fleet_page(latest, _health(repo, latest, now),
                                 store.conflicts(limit=fleetpage.CONFLICTS_SHOWN),
                                 fleetpage.Filters.from_query(query), now,
                                 conflict_count=store.conflict_count(),
-                                page=fleetpage.requested_page(query))
+                                page=fleetpage.requested_page(query), page_size=page_size)
     return 200, page, fleetpage.HEADERS
 
 
