@@ -273,6 +273,25 @@ def test_counts_and_choices_are_over_the_whole_fleet_and_order_is_by_code_point(
     assert len(boxes_of(cells)) == 200 and 'class="pages"' not in text
 
 
+def test_the_filter_form_stays_bounded_and_keeps_the_chosen_filter() -> None:
+    """A fleet of invented box ids (anyone can make a key), each claiming its own release,
+    result and channel, must not put thousands of choices on every page: the form offers
+    the 100 highest releases and the first 100 results and channels, plus the one chosen."""
+    records = [rec(f"box-{n:04d}", f"result-{n:04d}", 10**12 + n, channel=f"ch-{n:04d}")
+               for n in range(2000)]
+    text, cells = page_of(records, "")
+    assert text.count("<option") == 3 * (fleetpage.FORM_CHOICES + 1)  # each with "any"
+    assert f'<option value="{10**12 + 1999}">' in text
+    assert f'<option value="{10**12 + 1899}">' not in text
+    assert len(text.encode()) < 80_000  # 200 rows and the form, not 2000 of anything
+    text, cells = page_of(records, f"release={10**12 + 5}&result=result-1500&channel=ch-1500")
+    for chosen in (10**12 + 5, "result-1500", "ch-1500"):
+        assert f'<option value="{chosen}" selected>' in text, chosen
+    assert list(boxes_of(cells)) == [] and 'class="pages"' not in text
+    text, cells = page_of(records, "result=result-1500")
+    assert list(boxes_of(cells)) == ["box-1500"]
+
+
 # --- the routes over a real store and repository --------------------------------------------
 
 

@@ -41,6 +41,10 @@ CONFLICTS_SHOWN = 200
 #: Rows of the boxes table on one page: a fleet of 10 000 boxes in one table was 4.6 MB of
 #: HTML a browser took seconds to lay out (docs/performance.md, "Fleet page").
 PAGE_SIZE = 200
+#: Choices of each filter in the form (the highest releases, the first results and
+#: channels, and the one chosen): invented box ids each sending its own cannot make every
+#: page as big as the fleet.
+FORM_CHOICES = 100
 _STYLE = """body{font-family:sans-serif;margin:1em 2em}table{border-collapse:collapse;
 margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:.2em .5em;text-align:left;
 vertical-align:top}td.n{text-align:right}.stale{color:#a00;font-weight:bold}
@@ -162,14 +166,19 @@ def _filter_form(filters: Filters, boxes: Sequence[BoxView]) -> str:
             "</option>" for v in values]
         return (f'<label>{name} <select name="{name}">' + "".join(options)
                 + "</select></label> ")
-    releases = sorted({b.installed for b in boxes if b.installed is not None})
-    results = sorted({b.result for b in boxes if b.result is not None})[:100]
-    channels = sorted({b.channel for b in boxes})[:100]
+    def choices(values: set[str], chosen: str | None, newest: bool = False) -> list[str]:
+        ordered = sorted(values, key=int) if newest else sorted(values)
+        kept = ordered[-FORM_CHOICES:] if newest else ordered[:FORM_CHOICES]
+        return kept if chosen is None or chosen in kept else [chosen, *kept]
+    release = None if filters.release is None else str(filters.release)
     return ('<form method="get" action="." class="filters">'
-            + select("release", [str(r) for r in releases],
-                     None if filters.release is None else str(filters.release))
-            + select("result", results, filters.result)
-            + select("channel", channels, filters.channel)
+            + select("release", choices({str(b.installed) for b in boxes
+                                         if b.installed is not None}, release, newest=True),
+                     release)
+            + select("result", choices({b.result for b in boxes if b.result is not None},
+                                       filters.result), filters.result)
+            + select("channel", choices({b.channel for b in boxes}, filters.channel),
+                     filters.channel)
             + '<button type="submit">filter</button> <a href=".">all boxes</a></form>')
 
 
