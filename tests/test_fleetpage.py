@@ -277,19 +277,19 @@ def test_the_filter_form_stays_bounded_and_keeps_the_chosen_filter() -> None:
     """A fleet of invented box ids (anyone can make a key), each claiming its own release,
     result and channel, must not put thousands of choices on every page: the form offers
     the 100 highest releases and the first 100 results and channels, plus the one chosen."""
-    records = [rec(f"box-{n:04d}", f"result-{n:04d}", 10**12 + n, channel=f"ch-{n:04d}")
-               for n in range(2000)]
+    records = [rec(f"box-{n:05d}", f"result-{n:05d}", 10**12 + n, channel=f"ch-{n:05d}")
+               for n in range(10_000)]
     text, cells = page_of(records, "")
     assert text.count("<option") == 3 * (fleetpage.FORM_CHOICES + 1)  # each with "any"
-    assert f'<option value="{10**12 + 1999}">' in text
-    assert f'<option value="{10**12 + 1899}">' not in text
-    assert len(text.encode()) < 80_000  # 200 rows and the form, not 2000 of anything
-    text, cells = page_of(records, f"release={10**12 + 5}&result=result-1500&channel=ch-1500")
-    for chosen in (10**12 + 5, "result-1500", "ch-1500"):
+    assert f'<option value="{10**12 + 9999}">' in text
+    assert f'<option value="{10**12 + 9899}">' not in text
+    assert len(text.encode()) < 80_000  # 200 rows and the form, not 10 000 of anything
+    text, cells = page_of(records, f"release={10**12 + 5}&result=result-01500&channel=ch-01500")
+    for chosen in (10**12 + 5, "result-01500", "ch-01500"):
         assert f'<option value="{chosen}" selected>' in text, chosen
     assert list(boxes_of(cells)) == [] and 'class="pages"' not in text
-    text, cells = page_of(records, "result=result-1500")
-    assert list(boxes_of(cells)) == ["box-1500"]
+    text, cells = page_of(records, "result=result-01500")
+    assert list(boxes_of(cells)) == ["box-01500"]
 
 
 # --- the routes over a real store and repository --------------------------------------------
