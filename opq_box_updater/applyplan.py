@@ -39,6 +39,7 @@ from .package import (
     Manifest,
 )
 from .runner import child_env, tail
+from .sessions import SESSIONS_DIRNAME, SESSIONS_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +264,7 @@ class Commands:
         updater's own ``DEBIAN_FRONTEND`` (and ``APT_CONFIG`` in ``extra`` for a sandboxed
         apt): an inherited value of either never wins."""
         return child_env({**self.opq_env(plan), "DEBIAN_FRONTEND": "noninteractive",
+                          SESSIONS_ENV: str(self.config.state_dir / SESSIONS_DIRNAME),
                           **(extra or {})})
 
 

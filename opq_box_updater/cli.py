@@ -250,6 +250,11 @@ def _installed(info: dict[str, Any], channel: str) -> str:
     return str(info["installed_version"])
 
 
+def _strings(value: Any) -> list[str]:
+    """``value`` when it is a list of strings (bookkeeping may be damaged), else []."""
+    return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else []
+
+
 def _status(config: Config, as_json: bool) -> int:
     from .state import Store
 
@@ -268,6 +273,7 @@ def _status(config: Config, as_json: bool) -> int:
         "last_run": last.get("last_run"),
         "last_result": last.get("last_result"),
         "last_message": last.get("last_message"),
+        "leftovers_killed": _strings(last.get("leftovers_killed")),
         "failed_versions":
             list(state.channel(config.version_file).failed_versions) if state else [],
         "installed_channel": state.installed_channel if state else None,
@@ -293,6 +299,9 @@ def _status(config: Config, as_json: bool) -> int:
         ("server", f"{config.server_url} ({config.version_file})"),
         ("box id", info["box_id"] or "none yet (generated on the first run)"),
     ]
+    if info["leftovers_killed"]:
+        rows.append(("leftovers killed", "of a run that was killed, before recovering: "
+                     + ", ".join(info["leftovers_killed"])))
     if info["unrestored_packages"]:
         rows.append(("NOT RESTORED", "rollback incomplete: "
                      + ", ".join(info["unrestored_packages"])))

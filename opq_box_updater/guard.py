@@ -11,8 +11,10 @@ that version. Only then does it run SCRIPT (directly, so its shebang picks the i
 cwd W; ``DPKG_ROOT`` set as for every other hook), recording ``started`` and then ``finished``
 with the exit status in F (each write durable: file and directory fsynced, so recovery never
 runs a script again that had started before a power cut), and exits with the script's status
-so that dpkg fails too. The script gets the runner's minimal environment plus the ``OPQ_*``
-variables dpkg passed on from the updater and ``DPKG_ROOT``; it runs in its own session, and
+so that dpkg fails too. The script's session is recorded before it starts
+(``OPQ_BOX_UPDATER_SESSIONS``, see :mod:`opq_box_updater.sessions`). The script gets the
+runner's minimal environment plus the ``OPQ_*`` variables dpkg passed on from the updater
+and ``DPKG_ROOT``; it runs in its own session, and
 a SIGTERM to the guard (the updater's timeout stopping dpkg's session) stops the script's
 session too before the guard exits. The guard is a child subreaper: what the script detaches
 is reported with the script's output, and stopped with its session.
@@ -39,7 +41,8 @@ from pathlib import Path
 
 from .errors import SubprocessError
 from .fsutil import fsync_dir
-from .runner import GRACE_SECONDS, become_subreaper, child_env, run
+from .runner import GRACE_SECONDS, become_subreaper, child_env, record_sessions, run
+from .sessions import SESSIONS_ENV, SessionRecords
 
 #: The variables of DESIGN 3.2 the guard passes on to the run script from its environment.
 OPQ_VARS = ("OPQ_UPDATE_VERSION", "OPQ_PREVIOUS_VERSION", "OPQ_UPDATE_DIR")
@@ -121,7 +124,7 @@ def query_packages(root: Path, names: Iterable[str]) -> dict[str, PackageState]:
     if not wanted:
         return {}
     cmd = ["dpkg-query", *root_options(root), "--showformat", _QUERY_FORMAT, "--show", *wanted]
-    result = run(cmd, check=False, timeout=120)
+    result = run(cmd, check=False, timeout=120, record=False)
     # dpkg-query exits 1 when some package is unknown: that is an answer, not a failure.
     if result.returncode not in (0, 1):
         raise SubprocessError(f"dpkg-query exited with status {result.returncode}",
@@ -241,6 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # What the run script detaches (setsid, double fork) is re-parented to the guard, which
     # reports it, and stops it with the script's session on a timeout or SIGTERM.
     become_subreaper()
+    # The run script's session is recorded where the updater records dpkg's: should the
+    # updater be killed, its next run stops the script too, not only dpkg and the guard.
+    if os.environ.get(SESSIONS_ENV):
+        record_sessions(SessionRecords(Path(os.environ[SESSIONS_ENV])))
     expected = _expectations(args.expect)
     try:
         reasons = not_installed(expected, query_packages(args.dpkg_root, expected))

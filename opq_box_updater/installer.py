@@ -62,7 +62,8 @@ from .guard import (
     run_recorded,
 )
 from .rollbackcache import RollbackCache
-from .runner import Result, run, stop_leftovers, tail
+from .runner import Result, record_sessions, run, stop_leftovers, tail
+from .sessions import SESSIONS_DIRNAME, SessionRecords
 
 __all__ = ["APT_CONFIG_FILE", "RUN_STATUS_FILE", "Installer", "UpdatePlan", "cache_name",
            "dpkg_locks"]
@@ -153,6 +154,9 @@ class Installer:
         self.commands = Commands(config, lock_timeout=self.lock_timeout,
                                  script_timeout=script_timeout, offline=offline)
         self.cache = RollbackCache(config, self.commands, timeout=timeout)
+        # Every child from here on is recorded before it runs: if this process is killed,
+        # the next run stops what it left before recovering (runner.stop_sessions).
+        record_sessions(SessionRecords(config.state_dir / SESSIONS_DIRNAME))
 
     # --- the public steps, in the order the orchestrator calls them -----------------------
 

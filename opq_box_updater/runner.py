@@ -29,6 +29,13 @@ What it guarantees beyond that (issue 12, items 2 and 3):
   (``BASH_ENV``, ``PYTHONPATH``, ``LD_PRELOAD``, the fault-injection variable) except
   variables named ``OPQ_TEST_*``: the test-only channel through which the power-cut tests
   reach maintainer scripts and the run script. The product never sets them.
+* **Sessions are recorded before the child runs.** With a :class:`Recorder` set
+  (:func:`record_sessions`: the installer and the guard set one), a child is started behind
+  a gate (``sh`` waiting for one line on its stdin, then ``exec``): its session is recorded
+  durably first, and only then is the gate opened, so an updater SIGKILLed at any instant
+  leaves no unrecorded child that can change the box. The record goes when the session is
+  done; a session that still has leftovers stays recorded. The next run stops what is left
+  of recorded sessions with :func:`stop_sessions`, before its crash recovery.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import ctypes
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,7 +54,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from .errors import SubprocessError
 
@@ -74,6 +82,28 @@ _LEFT: dict[int, int] = {}
 #: The sessions steps ran in or left processes in: a zombie child of this process in one of
 #: them is an adopted leftover that ended, never a child someone else started.
 _SESSIONS: set[int] = set()
+#: The gate: waits for one line on stdin (the session is recorded), then becomes the command
+#: with stdin /dev/null. At end of file (the updater died before recording) it exits 125
+#: without running anything.
+_GATE = ("/bin/sh", "-c", 'IFS= read -r _ || exit 125; exec "$0" "$@" </dev/null')
+GATE_NOT_OPENED = 125
+
+
+class Recorder(Protocol):
+    """Where sessions are recorded (:class:`opq_box_updater.sessions.SessionRecords`)."""
+
+    def add(self, sid: int, start: int) -> None: ...
+
+    def remove(self, sid: int) -> None: ...
+
+
+_recorder: Recorder | None = None
+
+
+def record_sessions(recorder: Recorder | None) -> None:
+    """Record the session of every child :func:`run` starts from now on (None: stop)."""
+    global _recorder
+    _recorder = recorder
 
 
 @dataclass(frozen=True)
@@ -110,10 +140,12 @@ def run(
     timeout: float = 3600,
     check: bool = True,
     grace: float = GRACE_SECONDS,
+    record: bool = True,
 ) -> Result:
     """Run ``cmd`` in its own session until it exits; raise :class:`SubprocessError` on
     timeout (after stopping its whole session), on a missing program, or, with ``check``, on
     a non-zero exit. ``env`` is the complete child environment (default: :func:`child_env`).
+    ``record`` False: a read-only query whose session is not worth recording.
     """
     argv = tuple(os.fspath(c) for c in cmd)
     printable = shlex.join(argv)
@@ -121,27 +153,41 @@ def run(
     _ensure_subreaper()
     reap()
     known = frozenset(p.pid for p in processes() if p.ppid == os.getpid())
+    child_environment = dict(env) if env is not None else child_env()
+    recorder = _recorder if record else None
+    gate = os.pipe() if recorder and _gateable(argv[0], child_environment) else None
     with tempfile.TemporaryFile() as out:
         try:
-            proc = subprocess.Popen(argv, env=dict(env) if env is not None else child_env(),
-                                    cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen((*_GATE, *argv) if gate else argv, env=child_environment,
+                                    cwd=cwd, stdin=gate[0] if gate else subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         except OSError as exc:
             raise SubprocessError(f"cannot run {argv[0]}: {exc.strerror}", argv, None,
                                   "") from None
+        finally:
+            if gate:
+                os.close(gate[0])
+        if recorder:
+            _record(recorder, proc.pid, argv[0], gate[1] if gate else None)
         try:
             returncode = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             alive = stop_session(proc, grace, known)
+            _forget(recorder, proc.pid)
             still = f"; still alive after SIGTERM and killed: {'; '.join(alive)}" if alive \
                 else ""
             raise SubprocessError(f"{argv[0]} timed out after {timeout:.0f}s{still}", argv,
                                   None, tail(_read_tail(out))) from None
         except BaseException:  # interrupted while waiting: the children go with us
             stop_session(proc, grace, known)
+            _forget(recorder, proc.pid)
             raise
         output = _read_tail(out)
-    leftovers = _leftovers(proc.pid, known)
+    left = _leftovers(proc.pid, known)
+    if recorder:
+        _record_leftovers(recorder, proc.pid, left)
+    leftovers = tuple(_describe(p, proc.pid) for p in left)
     if leftovers:
         logger.warning("%s exited but left processes running: %s", argv[0],
                        "; ".join(leftovers))
@@ -151,6 +197,67 @@ def run(
         raise SubprocessError(f"{printable} exited with status {returncode}", argv,
                               returncode, tail(output))
     return Result(argv, returncode, output, leftovers)
+
+
+def _gateable(program: str, env: Mapping[str, str]) -> bool:
+    """True when ``program`` can be started behind the gate with the same result as
+    directly: found and executable, a script with a shebang or an ELF binary. Anything
+    else is started directly (and Popen's error, or binfmt_misc, does what it always did):
+    ``sh``'s ``exec`` would run a file without a shebang as a shell script."""
+    if program.startswith("-"):
+        return False
+    path = program if "/" in program else shutil.which(program, path=env.get("PATH"))
+    if path is None or not os.access(path, os.X_OK):
+        return False
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError:
+        return False
+    return magic.startswith(b"#!") or magic == b"\x7fELF"
+
+
+def _record(recorder: Recorder, sid: int, name: str, gate: int | None) -> None:
+    """Record session ``sid``, then open the gate (if any). A record that cannot be
+    written is a warning, not a failure: the child then runs as it did before records."""
+    try:
+        proc = _stat(sid)
+        recorder.add(sid, proc.start if proc else 0)
+    except OSError as exc:
+        logger.warning("cannot record the session of %s (%s): if this run is killed, the "
+                       "next one cannot stop what it leaves running", name, exc)
+    finally:
+        if gate is not None:
+            with contextlib.suppress(OSError):  # the gate may be gone (killed meanwhile)
+                os.write(gate, b"\n")
+            os.close(gate)
+
+
+def _forget(recorder: Recorder | None, sid: int) -> None:
+    """Remove the record of session ``sid``, which is done."""
+    if recorder:
+        try:
+            recorder.remove(sid)
+        except OSError as exc:
+            logger.warning("cannot remove the record of session %d: %s", sid, exc)
+
+
+def _record_leftovers(recorder: Recorder, sid: int, left: list[Proc]) -> None:
+    """After a step: forget its session when nothing is left of it; otherwise keep it and
+    record every other session a leftover runs in (it left the step's session), so that a
+    killed updater's next run finds them too. A session whose leader is gone is recorded
+    with its oldest member's start time: any later holder of that pid started later."""
+    sessions: dict[int, int] = {}
+    for proc in left:
+        if proc.sid != sid and proc.sid != os.getsid(0):
+            leader = _stat(proc.sid)
+            start = leader.start if leader else proc.start
+            sessions[proc.sid] = min(sessions.get(proc.sid, start), start)
+    if not left:
+        _forget(recorder, sid)
+    for other, start in sessions.items():
+        with contextlib.suppress(OSError):
+            recorder.add(other, start)
 
 
 def _read_tail(handle: IO[bytes]) -> str:
@@ -175,6 +282,7 @@ class Proc:
     pgrp: int
     sid: int
     start: int  # clock ticks after boot: tells a process from a later one with its pid
+    comm: str = ""  # the command name (``/proc/PID/comm``), for the log
 
     @property
     def zombie(self) -> bool:
@@ -191,19 +299,26 @@ def processes() -> list[Proc]:
     except OSError:
         return []
     for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        # "pid (comm) state ppid pgrp session ... starttime(22nd)": comm may hold spaces and
-        # parentheses, so split after its last ")".
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 19:
-            found.append(Proc(int(entry), fields[0], int(fields[1]), int(fields[2]),
-                              int(fields[3]), int(fields[19])))
+        if entry.isdigit():
+            proc = _stat(int(entry))
+            if proc is not None:
+                found.append(proc)
     return found
+
+
+def _stat(pid: int) -> Proc | None:
+    """Process ``pid`` from ``/proc/PID/stat``, or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+    except OSError:
+        return None
+    # "pid (comm) state ppid pgrp session ... starttime(22nd)": comm may hold spaces and
+    # parentheses, so split after its last ")".
+    fields = stat[stat.rfind(")") + 2:].split()
+    if len(fields) <= 19:
+        return None
+    return Proc(pid, fields[0], int(fields[1]), int(fields[2]), int(fields[3]),
+                int(fields[19]), stat[stat.find("(") + 1:stat.rfind(")")])
 
 
 def session_members(sid: int) -> list[int]:
@@ -322,9 +437,9 @@ def _with_descendants(procs: list[Proc], found: dict[int, Proc]) -> list[Proc]:
     return sorted(found.values(), key=lambda p: p.pid)
 
 
-def _leftovers(sid: int, known: frozenset[int]) -> tuple[str, ...]:
-    """Describe (and remember, for :func:`stop_leftovers`) what the finished step ``sid``
-    left running; reap the zombies it left."""
+def _leftovers(sid: int, known: frozenset[int]) -> list[Proc]:
+    """What the finished step ``sid`` left running (remembered for :func:`stop_leftovers`);
+    reap the zombies it left."""
     procs = processes()
     _reap_zombies(procs, known, None)
     left = _step_processes(procs, sid, known)
@@ -332,7 +447,7 @@ def _leftovers(sid: int, known: frozenset[int]) -> tuple[str, ...]:
         _LEFT[proc.pid] = proc.start
         if proc.sid != os.getsid(0):
             _SESSIONS.add(proc.sid)
-    return tuple(_describe(p, sid) for p in left)
+    return left
 
 
 def _signal(proc: Proc, sig: int) -> None:
@@ -427,3 +542,46 @@ def stop_leftovers(grace: float = GRACE_SECONDS) -> list[str]:
     reap()
     _LEFT.clear()
     return alive
+
+
+def stop_sessions(sessions: Iterable[tuple[int, int]], grace: float = GRACE_SECONDS,
+                  ) -> list[str]:
+    """Stop what a killed run left of its recorded sessions, ``(sid, leader start time)``:
+    every process still in such a session, its descendants and the sessions they made get
+    SIGTERM, ``grace`` seconds, then SIGKILL. One log line per process (pid, command name).
+
+    A recorded session counts only while its leader pid is gone or still the recorded
+    process (same start time). The kernel keeps a pid reserved while any process still has
+    it as session id, so a leader pid held by a process with another start time means the
+    recorded session ended whole and the pid was reused: that session, even one its new
+    holder made with ``setsid``, is a stranger's and is not touched. This process and its
+    own session are never signalled. Returns the ``pid (command)`` lines of what it
+    stopped."""
+    mine = os.getsid(0)
+    by_pid = {p.pid: p for p in processes()}
+    wanted: set[int] = set()
+    for sid, start in sessions:
+        leader = by_pid.get(sid)
+        if sid <= 1:  # init's; never a recorded one (sessions.py refuses such records too)
+            continue
+        if leader is not None and leader.start != start:
+            logger.info("session %d is not the recorded one: pid %d is now %s, started "
+                        "later; not touched", sid, sid, leader.comm)
+            continue
+        wanted.add(sid)
+    seen: dict[int, str] = {}
+
+    def find(procs: list[Proc]) -> list[Proc]:
+        ours = {p.pid: p for p in procs if p.sid in wanted and not p.zombie}
+        found = [p for p in _with_descendants(procs, ours) if p.sid != mine]
+        wanted.update(p.sid for p in found)  # sessions the leftovers made are theirs too
+        for proc in found:
+            if proc.pid not in seen:
+                seen[proc.pid] = f"{proc.pid} ({proc.comm})"
+                logger.warning("stopping pid %s, left running by a run that was killed",
+                               seen[proc.pid])
+        return found
+
+    if wanted:
+        _stop(find, lambda: True, grace, None)
+    return list(seen.values())

@@ -233,12 +233,13 @@ class Store:
         self.release_path = state_dir / "release.json"
         self.debs_dir = state_dir / "debs"
         self.lock_path = state_dir / "lock"
+        self.sessions_dir = state_dir / "sessions"  # sessions.SESSIONS_DIRNAME
 
     def ensure_dirs(self) -> None:
         """Create the state directories 0700, and refuse ones another local user could
         influence (owned by another account, group/world-writable, a symlink): such a user
         could hold the lock, or plant files root then trusts (:class:`ConfigError`, exit 2)."""
-        for path in (self.dir, self.roots_dir, self.debs_dir):
+        for path in (self.dir, self.roots_dir, self.debs_dir, self.sessions_dir):
             why = unsafe_dir_reason(path)
             if why is not None:
                 raise ConfigError(f"state directory {path} {why}; make it root's, mode 0700 "
@@ -247,6 +248,7 @@ class Store:
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.roots_dir.mkdir(mode=0o700, exist_ok=True)
             self.debs_dir.mkdir(mode=0o700, exist_ok=True)
+            self.sessions_dir.mkdir(mode=0o700, exist_ok=True)
             self.dir.chmod(0o700)  # tighten one an older version made 0755
         except OSError as exc:
             raise StateError(f"cannot create state directory {self.dir}: {exc.strerror}") from None

@@ -39,6 +39,7 @@ from .errors import (
 from .faults import fault_point
 from .fsutil import unsafe_dir_reason, utcnow
 from .metadata import Floors, Release, Root
+from .sessions import SessionRecords, boot_id
 from .source import Source
 from .state import Journal, Lock, State, Store
 from .transaction import Transaction
@@ -109,6 +110,7 @@ class Updater:
         self.anchor: Root
         self.anchor_bytes: bytes
         self._fetcher: Source | None = None
+        self._stopped: list[str] = []  # what a killed run left running, stopped by this one
 
     # --- entry points ------------------------------------------------------------------
 
@@ -137,6 +139,7 @@ class Updater:
         finally:
             if self._fetcher is not None:
                 self._fetcher.close()
+            self._forget_sessions()
             lock.release()
         self._record(outcome.result, outcome.message, started,
                      release_version=outcome.version)
@@ -153,6 +156,8 @@ class Updater:
             "duration": round(time.monotonic() - started, 3),
             "installed_version": state.installed_version,
         }
+        if self._stopped:
+            info["leftovers_killed"] = self._stopped
         self.store.save_last_run(info)
         if self.config.report_url and self.from_dir is not None:
             logger.info("no status report sent: a --from run makes no network request",
@@ -166,6 +171,7 @@ class Updater:
             # Signed documents hold no floats (DESIGN 2.1): the duration in milliseconds.
             fields = {**info, "duration_ms": round(info["duration"] * 1000)}
             del fields["duration"]
+            fields.pop("leftovers_killed", None)  # the log and status have it; not the fleet
             report = {**fields, "box_id": self.config.box_id, "release_version": release_version,
                       "channel": self.channel, "installed_channel": state.installed_channel,
                       "failed_versions": list(state.channel(self.channel).failed_versions),
@@ -192,8 +198,11 @@ class Updater:
 
     def _locked_run(self, check_only: bool, force: bool, dry_run: bool,
                     random_delay: float) -> Outcome:
+        # 0. A killed run's children still at work are stopped before anything else, above
+        # all before its apply is finished or undone: never two actors on one box.
+        self._stopped = self._stop_orphans()
         state = self.store.load()
-        # 0. A dead run's apply is finished or undone before any network request.
+        # A dead run's apply is finished or undone before any network request.
         if state.journal.phase in ("applying", "rolling-back"):
             state = self.tx.recover(state)
         elif state.journal.phase == "downloading":
@@ -223,6 +232,40 @@ class Updater:
                                        release.version)
         # 6.-8. Download, extract, apply.
         return self._update(state, release, dry_run)
+
+    def _stop_orphans(self) -> list[str]:
+        """Stop what a killed run left running in the sessions it recorded (the records of
+        :mod:`sessions`; records from an earlier boot are dropped: nothing of them survived
+        the reboot), then forget every record. Returns ``pid (command)`` of each stopped."""
+        records = SessionRecords(self.store.sessions_dir)
+        if not records.names():  # the daily no-op: one listdir
+            return []
+        current = boot_id()
+        sessions = records.load()
+        same_boot = [(s.sid, s.start) for s in sessions if current and s.boot_id == current]
+        if len(same_boot) < len(sessions):
+            logger.info("dropped %d session record(s) of an earlier boot: nothing of them "
+                        "survived the reboot", len(sessions) - len(same_boot))
+        stopped: list[str] = []
+        if same_boot:
+            from .runner import stop_sessions
+
+            stopped = stop_sessions(same_boot)
+        if stopped:
+            logger.warning("stopped %d process(es) a killed run had left running: %s",
+                           len(stopped), ", ".join(stopped))
+        records.clear()
+        return stopped
+
+    def _forget_sessions(self) -> None:
+        """At the end of a run whose transaction is over (journal idle), forget the
+        sessions of its children: what they left running after a successful apply is
+        accepted like a service a postinst starts. With the journal not idle (the run
+        failed mid-apply) the records stay, and the next run stops those leftovers before
+        it recovers."""
+        records = SessionRecords(self.store.sessions_dir)
+        if records.names() and self._peek_state().journal.phase == "idle":
+            records.clear()
 
     def _fetch(self) -> Source:
         """The repository's source: the fetcher (``server_url``), or the ``--from``
