@@ -489,3 +489,27 @@ def test_records_outlive_a_run_that_ended_mid_transaction(tmp_path: Path, phase:
     SessionRecords(store.sessions_dir).add(4321, 7)
     Updater(config)._forget_sessions()
     assert (store.sessions_dir / "4321.json").exists() == (phase != "idle")
+
+
+def test_the_guard_records_the_run_scripts_session_while_it_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reaper: None) -> None:
+    """The guard (in process) with ``OPQ_BOX_UPDATER_SESSIONS`` set: while the run script
+    runs, its session (its own pid) is recorded there; once it ended, nothing is left."""
+    from opq_box_updater import guard
+
+    sessions = tmp_path / SESSIONS_DIRNAME
+    out = tmp_path / "seen"
+    script = tmp_path / "update.sh"
+    script.write_text(f"#!/bin/sh\necho $$ > {out}; ls {sessions} >> {out}\n")
+    script.chmod(0o700)
+    monkeypatch.setenv("OPQ_BOX_UPDATER_SESSIONS", str(sessions))
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        assert guard.main(["--status-file", str(tmp_path / "status"), "--workdir",
+                           str(tmp_path), "--", str(script)]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+        runner.record_sessions(None)
+    pid, *listed = out.read_text().split()
+    assert listed == [f"{pid}.json"]
+    assert list(sessions.iterdir()) == []
