@@ -51,11 +51,12 @@ def world(tmp_path: Path, box_factory: Any) -> Iterator[World]:
 class Recorder:
     """A recorder that notes what the runner asks, and what the child was at that moment."""
 
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: bool = False, fail_remove: bool = False) -> None:
         self.added: dict[int, int] = {}
         self.removed: list[int] = []
         self.cmdline_at_add: dict[int, bytes] = {}
         self.fail = fail
+        self.fail_remove = fail_remove
 
     def add(self, sid: int, start: int) -> None:
         self.cmdline_at_add[sid] = Path(f"/proc/{sid}/cmdline").read_bytes()
@@ -64,6 +65,8 @@ class Recorder:
         self.added[sid] = start
 
     def remove(self, sid: int) -> None:
+        if self.fail_remove:
+            raise OSError(30, "Read-only file system")
         self.removed.append(sid)
 
 
@@ -160,15 +163,35 @@ def test_a_file_without_shebang_still_fails_to_execute(recorder: Recorder,
     assert not (tmp_path / "ran").exists()
 
 
-def test_a_record_that_cannot_be_written_lets_the_child_run(
+def test_a_record_that_cannot_be_written_or_removed_lets_the_child_run(
         caplog: pytest.LogCaptureFixture) -> None:
-    rec = Recorder(fail=True)
-    runner.record_sessions(rec)
+    """A full or read-only disk costs the record, with a warning; the step still runs."""
+    runner.record_sessions(Recorder(fail=True, fail_remove=True))
     try:
         assert runner.run(["echo", "ran"]).output == "ran\n"
     finally:
         runner.record_sessions(None)
     assert "cannot record the session of echo" in caplog.text
+    assert "cannot remove the record of session" in caplog.text
+
+
+def test_a_step_that_timed_out_is_forgotten_once_its_session_is_stopped(
+        recorder: Recorder) -> None:
+    with pytest.raises(SubprocessError, match="timed out"):
+        runner.run(["sh", "-c", "sleep 30 & exec sleep 30"], timeout=0.5, grace=2)
+    [sid] = recorder.added
+    assert recorder.removed == [sid] and runner.session_members(sid) == []
+
+
+def test_without_a_boot_id_or_a_directory_nothing_is_trusted_or_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No boot id from the kernel: "" (the updater acts on no record then); no records
+    directory: no records (the daily no-op's one listdir)."""
+    from opq_box_updater import sessions
+
+    monkeypatch.setattr(sessions, "BOOT_ID_PATH", tmp_path / "no-boot-id")
+    assert boot_id() == ""
+    assert SessionRecords(tmp_path / "missing").load() == []
 
 
 def test_records_are_atomic_files_and_survive_a_reload(tmp_path: Path) -> None:
@@ -208,6 +231,7 @@ def test_a_damaged_record_is_moved_aside_like_a_damaged_state_file(
     records.add(77, 5)
     (tmp_path / "12.json").write_bytes(content)
     assert records.load() == [(77, 5, boot_id())]
+    assert records.load() == [(77, 5, boot_id())]  # the moved-aside one is not read again
     assert not (tmp_path / "12.json").exists()
     aside = [p.name for p in tmp_path.iterdir() if p.name.startswith("12.json.corrupt-")]
     assert len(aside) == 1 and (tmp_path / aside[0]).read_bytes() == content
