@@ -10,6 +10,7 @@ its run script (or a hook after it) runs, with dpkg in a temporary root.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -59,7 +60,8 @@ class Recorder:
         self.fail_remove = fail_remove
 
     def add(self, sid: int, start: int) -> None:
-        self.cmdline_at_add[sid] = Path(f"/proc/{sid}/cmdline").read_bytes()
+        with contextlib.suppress(OSError):  # a leader that is gone has none
+            self.cmdline_at_add[sid] = Path(f"/proc/{sid}/cmdline").read_bytes()
         if self.fail:
             raise OSError(28, "No space left on device")
         self.added[sid] = start
@@ -140,6 +142,20 @@ def test_the_sessions_a_leftover_made_are_recorded_too(
     pid = _read_pid(pidfile)
     pids.append(pid)
     assert recorder.added.get(pid) == _start(pid)
+
+
+def test_a_leftover_session_whose_leader_is_gone_is_recorded_with_its_oldest_member(
+        recorder: Recorder, pids: list[int], tmp_path: Path, reaper: None) -> None:
+    """The leader of the session a leftover made has exited: the record carries the start
+    time of the oldest process still in it, which any later holder of the pid postdates."""
+    pidfile = tmp_path / "pid"
+    runner.run(["sh", "-c", f"setsid sh -c 'sleep 30 & echo $! > {pidfile}'; "
+                f"until [ -s {pidfile} ]; do sleep 0.01; done"])
+    member = _read_pid(pidfile)
+    pids.append(member)
+    sid = os.getsid(member)
+    assert not _alive(sid)
+    assert recorder.added.get(sid) == _start(member)
 
 
 def test_the_gate_runs_nothing_when_the_updater_died_before_recording(tmp_path: Path) -> None:
