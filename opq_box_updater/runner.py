@@ -163,6 +163,8 @@ def run(
                                     stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         except OSError as exc:
+            if gate:
+                os.close(gate[1])
             raise SubprocessError(f"cannot run {argv[0]}: {exc.strerror}", argv, None,
                                   "") from None
         finally:
@@ -209,9 +211,12 @@ def _gateable(program: str, env: Mapping[str, str]) -> bool:
     path = program if "/" in program else shutil.which(program, path=env.get("PATH"))
     if path is None or not os.access(path, os.X_OK):
         return False
-    try:
-        with open(path, "rb") as handle:
-            magic = handle.read(4)
+    try:  # non-blocking: a FIFO there must not hang the updater (it reads as empty)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            magic = os.read(fd, 4)
+        finally:
+            os.close(fd)
     except OSError:
         return False
     return magic.startswith(b"#!") or magic == b"\x7fELF"
@@ -309,16 +314,16 @@ def processes() -> list[Proc]:
 def _stat(pid: int) -> Proc | None:
     """Process ``pid`` from ``/proc/PID/stat``, or None when it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+        text = Path(f"/proc/{pid}/stat").read_text(errors="replace")
     except OSError:
         return None
     # "pid (comm) state ppid pgrp session ... starttime(22nd)": comm may hold spaces and
     # parentheses, so split after its last ")".
-    fields = stat[stat.rfind(")") + 2:].split()
+    fields = text[text.rfind(")") + 2:].split()
     if len(fields) <= 19:
         return None
     return Proc(pid, fields[0], int(fields[1]), int(fields[2]), int(fields[3]),
-                int(fields[19]), stat[stat.find("(") + 1:stat.rfind(")")])
+                int(fields[19]), text[text.find("(") + 1:text.rfind(")")])
 
 
 def session_members(sid: int) -> list[int]:

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,6 +178,39 @@ def test_a_file_without_shebang_still_fails_to_execute(recorder: Recorder,
     with pytest.raises(SubprocessError, match="Exec format error"):
         runner.run([script])
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_fifo_named_as_the_program_fails_without_hanging(recorder: Recorder,
+                                                           tmp_path: Path) -> None:
+    """Deciding whether to gate reads the program's first bytes: never from a FIFO, which
+    would block the updater until someone writes to it."""
+    fifo = tmp_path / "program"
+    os.mkfifo(fifo, 0o755)
+    raised: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            runner.run([fifo])
+        except SubprocessError as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():  # release it before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert not thread.is_alive()
+    assert raised and "cannot run" in str(raised[0])
+
+
+def test_a_child_that_cannot_start_leaks_no_gate(recorder: Recorder, tmp_path: Path) -> None:
+    """Popen fails (here: a missing working directory) after the gate's pipe was made:
+    both ends are closed, so a long-lived updater does not run out of descriptors."""
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(SubprocessError, match="cannot run true"):
+            runner.run(["true"], cwd=tmp_path / "missing")
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_a_record_that_cannot_be_written_or_removed_lets_the_child_run(
