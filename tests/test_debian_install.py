@@ -7,8 +7,10 @@ about a minute):
 preseed ``server_url`` -> ``apt-get install ./opq-box-updater_*.deb`` (built without a trust
 anchor: installs, the updater refuses with exit 2) -> config, cron and logrotate files ->
 ``dpkg-reconfigure`` with a new answer -> an administrator's edits survive reconfigure, win
-over the stored answer, and survive an upgrade to a newer build that carries the trust
-anchor -> a real update cycle against ``opq-box-publish serve`` on 127.0.0.1 (the chroot
+over the stored answer -> ``dpkg-reconfigure`` typed at a console (a real pty, readline
+and teletype: refused answers asked again, empty answer, Ctrl-D, hang-up, a new URL;
+tests/operator_reconfigure.py) -> the edits survive an upgrade to a newer build with the
+trust anchor -> a real update cycle against ``opq-box-publish serve`` on 127.0.0.1 (the chroot
 shares the host's network): a package carrying a ``.deb`` and a run script, applied with
 that root's dpkg -> the cron command itself -> a release carrying a newer opq-box-updater,
 which the cron job installs over itself -> ``logrotate -f``, then another run still logs ->
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from operator_reconfigure import check_interactive_reconfigure
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
@@ -159,16 +162,20 @@ class Root:
     def file(self, name: str) -> Path:
         return self.path / name.lstrip("/")
 
-    def sh(self, script: str, *, check: bool = True, timeout: float = 300,
-           network: bool = True) -> subprocess.CompletedProcess[str]:
-        """``network=False``: in a network namespace of its own (no server reachable)."""
+    def command(self, script: str, *, network: bool = True,
+                env: tuple[str, ...] = ("DEBIAN_FRONTEND=noninteractive",)) -> list[str]:
+        """The host command that runs ``script`` in the root, with a clean environment plus
+        ``env``; ``network=False``: in a network namespace of its own (no server reachable)."""
         enter = ('mount -t proc proc "$1/proc"; mount --rbind /dev "$1/dev"; '
                  'root="$1"; shift; exec chroot "$root" "$@"')
-        cmd = ["unshare", "--mount", *([] if network else ["--net"]), "--propagation",
-               "private", "--", "sh", "-ec", enter,
-               "enter-root", str(self.path), "/usr/bin/env", "-i", f"PATH={ROOT_PATH}",
-               "HOME=/root", "LC_ALL=C.UTF-8", "DEBIAN_FRONTEND=noninteractive",
-               "/bin/sh", "-ec", script]
+        return ["unshare", "--mount", *([] if network else ["--net"]), "--propagation",
+                "private", "--", "sh", "-ec", enter,
+                "enter-root", str(self.path), "/usr/bin/env", "-i", f"PATH={ROOT_PATH}",
+                "HOME=/root", "LC_ALL=C.UTF-8", *env, "/bin/sh", "-ec", script]
+
+    def sh(self, script: str, *, check: bool = True, timeout: float = 300,
+           network: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = self.command(script, network=network)
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env={"PATH": SYSTEM_PATH}, check=False)
         if check and proc.returncode != 0:
@@ -539,6 +546,7 @@ def test_debian_packages_in_a_clean_root(clean_root: Root, repo_server: tuple[Pa
     check_fresh_install(root)
 
     config = check_reconfigure_and_admin_edits(root, url)
+    check_interactive_reconfigure(root, url)  # at a 24x80 console; ends with `config` again
     check_upgrade(root, second, f"{version}+test2", config)
     check_update_cycle(root)
     check_self_upgrade(root, repo, third, f"{version}+test3", config, second)

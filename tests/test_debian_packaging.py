@@ -405,6 +405,17 @@ def test_reconfigure_shows_the_current_url_and_an_empty_answer_keeps_it(tmp_path
     assert "input opq-box-updater/invalid_server_url" not in debconf.log()
 
 
+def test_config_script_drops_blanks_and_shows_control_characters(tmp_path: Path) -> None:
+    """What a console without line editing sends: an arrow key's escape sequence, blanks
+    around a pasted URL (tests/operator_reconfigure.py types them at a real terminal)."""
+    debconf = Debconf(tmp_path)
+    proc = debconf.run(CONFIG_SCRIPT, "https://x.example.org/\x1b[D", f"  {GOOD_URL}\t")
+    assert proc.returncode == 0, proc.stderr
+    assert debconf.get("server_url") == GOOD_URL
+    assert ("subst opq-box-updater/invalid_server_url url=https://x.example.org/^[[D"
+            in debconf.log())
+
+
 def test_a_preseeded_bad_url_is_asked_again_and_never_written(tmp_path: Path) -> None:
     debconf = Debconf(tmp_path)
     debconf.set("server_url", "https://emilia.example.org/opq-updates/?token=a")
