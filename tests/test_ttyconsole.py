@@ -70,3 +70,17 @@ def test_a_prompt_that_never_comes_fails_in_time() -> None:
     with (Console(["sh", "-c", "echo bye"], env=ENV) as console,
           pytest.raises(ConsoleError, match="ended before")):
         console.expect(r"URL: $", timeout=20)
+
+
+def test_processes_left_behind_fail_the_run_and_are_killed() -> None:
+    """The command ended, but a child it started (deaf to the hang-up) still runs."""
+    script = "trap '' HUP; sleep 60 & echo started"
+    with Console(["sh", "-c", script], env=ENV) as console:
+        console.expect(r"^started$")
+        time.sleep(0.2)  # let sh exit
+        with pytest.raises(ConsoleError, match=r"left processes behind: \d+ (sh|sleep)"):
+            console.finish(timeout=20)
+        deadline = time.monotonic() + 10
+        while console._session_members() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not console._session_members()

@@ -157,7 +157,33 @@ class Console:
         while time.monotonic() < end and self._read(end):
             pass
         self.returncode = self._proc.returncode
+        left = self._session_members()
+        if left:  # say, a config script still waiting after its frontend died
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            raise ConsoleError(f"ended (status {self.returncode}) but left processes behind: "
+                               + ", ".join(f"{pid} {left[pid]}" for pid in left))
         return self.returncode
+
+    def _session_members(self) -> dict[int, str]:
+        """The processes still running in the command's session (its id is the command's
+        pid): pid and name, from /proc."""
+        members: dict[int, str] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as handle:
+                    stat = handle.read()
+            except OSError:  # ended meanwhile
+                continue
+            name = stat[stat.find("(") + 1:stat.rfind(")")]
+            fields = stat[stat.rfind(")") + 2:].split()
+            # state ppid pgrp session ...; a zombie has ended, only its parent must reap it
+            if len(fields) > 3 and fields[0] != "Z" and int(fields[3]) == self._proc.pid:
+                members[int(entry)] = name
+        return members
 
     def _kill(self) -> None:
         """SIGKILL the command's process group (its pid, see ``__init__``), then reap it."""
