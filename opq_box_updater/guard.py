@@ -41,7 +41,8 @@ from pathlib import Path
 
 from .errors import SubprocessError
 from .fsutil import fsync_dir
-from .runner import GRACE_SECONDS, become_subreaper, child_env, record_sessions, run
+from .procs import become_subreaper
+from .runner import GRACE_SECONDS, child_env, record_sessions, run
 from .sessions import SESSIONS_ENV, SessionRecords
 
 #: The variables of DESIGN 3.2 the guard passes on to the run script from its environment.

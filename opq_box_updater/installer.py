@@ -61,8 +61,9 @@ from .guard import (
     root_options,
     run_recorded,
 )
+from .procs import stop_leftovers
 from .rollbackcache import RollbackCache
-from .runner import Result, record_sessions, run, stop_leftovers, tail
+from .runner import Result, record_sessions, run, tail
 from .sessions import SESSIONS_DIRNAME, SessionRecords
 
 __all__ = ["APT_CONFIG_FILE", "RUN_STATUS_FILE", "Installer", "UpdatePlan", "cache_name",
@@ -155,7 +156,7 @@ class Installer:
                                  script_timeout=script_timeout, offline=offline)
         self.cache = RollbackCache(config, self.commands, timeout=timeout)
         # Every child from here on is recorded before it runs: if this process is killed,
-        # the next run stops what it left before recovering (runner.stop_sessions).
+        # the next run stops what it left before recovering (procs.stop_sessions).
         record_sessions(SessionRecords(config.state_dir / SESSIONS_DIRNAME))
 
     # --- the public steps, in the order the orchestrator calls them -----------------------
@@ -231,7 +232,7 @@ class Installer:
         apt's archive cache. Without ``before`` (an older journal) only ``previous``
         (package -> version, None: not installed) is restored. The box's pre-/post-invoke
         hooks run; the run script does not. First, what the update's steps left running
-        (:func:`~opq_box_updater.runner.stop_leftovers`) is stopped. Returns a label for
+        (:func:`~opq_box_updater.procs.stop_leftovers`) is stopped. Returns a label for
         each package dpkg-query does not show restored afterwards (each is logged by name);
         never raises for a failed restore."""
         # Only ``previous``, ``before`` and the plan's version numbers matter: after a crash

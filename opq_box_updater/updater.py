@@ -248,7 +248,7 @@ class Updater:
                         "survived the reboot", len(sessions) - len(same_boot))
         stopped: list[str] = []
         if same_boot:
-            from .runner import stop_sessions
+            from .procs import stop_sessions
 
             stopped = stop_sessions(same_boot)
         if stopped:

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "opq_box_updater"
 
 #: The box's modules by level: a module imports only from strictly lower levels.
 LEVELS: dict[str, int] = {
-    "errors": 0, "faults": 0, "fsutil": 0, "deadline": 0, "source": 0,
+    "errors": 0, "faults": 0, "fsutil": 0, "deadline": 0, "source": 0, "procs": 0,
     "metadata": 1, "runner": 1, "partfile": 1, "sessions": 1,
     "trust": 2, "config": 2, "state": 2, "package": 2, "guard": 2, "reporting": 2,
     "applyplan": 3, "httpcheck": 3, "debcache": 3,

@@ -31,7 +31,7 @@ from reposim import RepoSim
 from test_apply_e2e import APPLY_FAILED, DPKG_TOOLS, OK, World, install_v1, publish_v2
 from test_runner import _alive, _wait_gone, as_subreaper
 
-from opq_box_updater import runner
+from opq_box_updater import procs, runner
 from opq_box_updater.errors import SubprocessError
 from opq_box_updater.sessions import SESSIONS_DIRNAME, SessionRecords, boot_id
 
@@ -94,7 +94,7 @@ def pids() -> Iterator[list[int]]:
 
 
 def _start(pid: int) -> int:
-    proc = runner._stat(pid)
+    proc = procs.read_stat(pid)
     assert proc is not None
     return proc.start
 
@@ -230,7 +230,7 @@ def test_a_step_that_timed_out_is_forgotten_once_its_session_is_stopped(
     with pytest.raises(SubprocessError, match="timed out"):
         runner.run(["sh", "-c", "sleep 30 & exec sleep 30"], timeout=0.5, grace=2)
     [sid] = recorder.added
-    assert recorder.removed == [sid] and runner.session_members(sid) == []
+    assert recorder.removed == [sid] and procs.session_members(sid) == []
 
 
 def test_without_a_boot_id_or_a_directory_nothing_is_trusted_or_read(
@@ -349,7 +349,7 @@ def test_a_recorded_session_is_stopped_with_what_it_detached(
     the time SIGKILL comes, so only its session, learnt in the first round, still finds
     it."""
     leader, member, detached = _session(tmp_path, pids, how)
-    stopped = runner.stop_sessions([(leader, _start(leader))], grace=1)
+    stopped = procs.stop_sessions([(leader, _start(leader))], grace=1)
     assert all(_wait_gone(pid) for pid in (leader, member, detached))
     assert sorted(stopped) == sorted(f"{pid} (sleep)" for pid in (leader, member, detached))
     for pid in (leader, member, detached):  # one line per process: pid, command name
@@ -367,7 +367,7 @@ def test_a_session_whose_leader_is_gone_is_stopped(tmp_path: Path, pids: list[in
     member = _read_pid(out)
     pids.append(member)
     assert os.getsid(member) == leader.pid
-    runner.stop_sessions([(leader.pid, 12345)], grace=5)
+    procs.stop_sessions([(leader.pid, 12345)], grace=5)
     assert _wait_gone(member)
 
 
@@ -375,9 +375,9 @@ def test_a_recorded_pid_reused_by_another_process_is_not_touched(
         tmp_path: Path, pids: list[int], caplog: pytest.LogCaptureFixture) -> None:
     """The recorded leader's pid now belongs to a process with another start time (pid
     reuse): that process, and the session it leads with its member, are a stranger's."""
-    caplog.set_level(logging.INFO, logger="opq_box_updater.runner")
+    caplog.set_level(logging.INFO, logger="opq_box_updater.procs")
     leader, member, detached = _session(tmp_path, pids)
-    assert runner.stop_sessions([(leader, _start(leader) - 1)], grace=1) == []
+    assert procs.stop_sessions([(leader, _start(leader) - 1)], grace=1) == []
     time.sleep(0.2)
     assert all(_alive(pid) for pid in (leader, member, detached))
     assert f"session {leader} is not the recorded one" in caplog.text
@@ -387,10 +387,10 @@ def test_the_updater_never_stops_its_own_session(tmp_path: Path) -> None:
     """A record naming the updater's own session (a forged record) stops nothing of it,
     neither the updater nor another process in its session: run in a session of its own,
     which would otherwise kill its ``sleep``."""
-    code = ("import os, subprocess; from opq_box_updater import runner; "
+    code = ("import os, subprocess; from opq_box_updater import procs; "
             "other = subprocess.Popen(['sleep', '60']); "
-            "sid = os.getsid(0); start = runner._stat(sid).start; "
-            "print(runner.stop_sessions([(sid, start)], grace=1)); "
+            "sid = os.getsid(0); start = procs.read_stat(sid).start; "
+            "print(procs.stop_sessions([(sid, start)], grace=1)); "
             "print(other.poll()); other.kill()")
     proc = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60,
                           start_new_session=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from opq_box_updater import runner
+from opq_box_updater import procs, runner
 from opq_box_updater.errors import SubprocessError
 
 #: What must never reach a child, set in the updater's own environment.
@@ -50,12 +50,12 @@ def _wait_gone(pid: int, seconds: float = 30) -> bool:
 def as_subreaper() -> Iterator[None]:
     """Make the test process a child subreaper, as the updater's CLI and the guard make
     themselves; afterwards stop what tests left running and drop the flag."""
-    assert runner.become_subreaper() and runner.is_subreaper()
+    assert procs.become_subreaper() and procs.is_subreaper()
     try:
         yield
     finally:
-        runner.stop_leftovers(grace=1)
-        ctypes.CDLL(None).prctl(runner.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        procs.stop_leftovers(grace=1)
+        ctypes.CDLL(None).prctl(procs.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 @pytest.fixture
@@ -255,7 +255,7 @@ def test_stop_leftovers_stops_what_steps_left_running(subreaper: None, tmp_path:
                             f"while [ ! -s {detached} ]; do sleep 0.05; done"])
     pids.extend([_pid_in(inside), _pid_in(detached)])
     assert all(_alive(pid) for pid in pids)
-    assert runner.stop_leftovers(grace=5) == []
+    assert procs.stop_leftovers(grace=5) == []
     assert [pid for pid in pids if _exists(pid)] == []
 
 
@@ -263,8 +263,8 @@ def test_stop_leftovers_stops_what_steps_left_running(subreaper: None, tmp_path:
 
 _FIRST_CHILD = """
 import os, sys
-from opq_box_updater import runner
-before = runner.is_subreaper()
+from opq_box_updater import procs, runner
+before = procs.is_subreaper()
 out = runner.run(["sh", "-c", "setsid sleep 30 </dev/null >/dev/null 2>&1 & echo $!"]).output
 pid = int(out.split()[0])
 for _ in range(200):
@@ -274,7 +274,7 @@ for _ in range(200):
         break
     import time; time.sleep(0.05)
 os.kill(pid, 9)
-print(before, runner.is_subreaper(), ppid == os.getpid())
+print(before, procs.is_subreaper(), ppid == os.getpid())
 """
 
 
