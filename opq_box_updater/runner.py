@@ -46,11 +46,13 @@ starts children and accounts for them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -85,9 +87,17 @@ TAIL_LINES = 20
 MAX_OUTPUT_BYTES = 1024 * 1024
 #: The gate: waits for one line on stdin (the session is recorded), then becomes the command
 #: with stdin /dev/null. At end of file (the updater died before recording) it exits 125
-#: without running anything.
-_GATE = ("/bin/sh", "-c", 'IFS= read -r _ || exit 125; exec "$0" "$@" </dev/null')
+#: without running anything. ``sh`` exports a ``PWD`` of its own: unset, so the child sees
+#: the environment it was given.
+_GATE = ("/bin/sh", "-c", 'IFS= read -r _ || exit 125; unset PWD; exec "$0" "$@" </dev/null')
 GATE_NOT_OPENED = 125
+#: Variables ``sh`` sets, rewrites or refuses (``OPTIND=x`` stops it): an environment naming
+#: one is started directly, so that the child sees exactly what it was given.
+_SHELL_VARS = frozenset({"PWD", "IFS", "PPID", "OPTIND", "_"})
+#: Nested ``#!`` interpreters the kernel follows (``fs/exec.c``; 5 since Linux 5.x, 4 before).
+_MAX_INTERPRETERS = 4
+#: The kernel reads this much of a file to recognise it (``BINPRM_BUF_SIZE``).
+_HEAD_BYTES = 256
 
 
 class Recorder(Protocol):
@@ -156,7 +166,8 @@ def run(
     known = frozenset(p.pid for p in processes() if p.ppid == os.getpid())
     child_environment = dict(env) if env is not None else child_env()
     recorder = _recorder if record else None
-    gate = os.pipe() if recorder and _gateable(argv[0], child_environment) else None
+    gate = os.pipe() if recorder and _gateable(argv[0], child_environment, cwd) \
+        else None
     with tempfile.TemporaryFile() as out:
         try:
             proc = subprocess.Popen((*_GATE, *argv) if gate else argv, env=child_environment,
@@ -171,9 +182,9 @@ def run(
         finally:
             if gate:
                 os.close(gate[0])
-        if recorder:
-            _record(recorder, proc.pid, argv[0], gate[1] if gate else None)
         try:
+            if recorder:
+                _record(recorder, proc.pid, argv[0], gate[1] if gate else None)
             returncode = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             alive = stop_session(proc, grace, known)
@@ -202,40 +213,78 @@ def run(
     return Result(argv, returncode, output, leftovers)
 
 
-def _gateable(program: str, env: Mapping[str, str]) -> bool:
+def _gateable(program: str, env: Mapping[str, str], cwd: Path | None = None) -> bool:
     """True when ``program`` can be started behind the gate with the same result as
-    directly: found and executable, a script with a shebang or an ELF binary. Anything
-    else is started directly (and Popen's error, or binfmt_misc, does what it always did):
-    ``sh``'s ``exec`` would run a file without a shebang as a shell script."""
-    if program.startswith("-"):
+    directly: found and executable, and a file the kernel itself executes (an ELF binary
+    for this machine, or ``#!`` naming such an interpreter), in an environment ``sh``
+    leaves alone. Anything else is started directly (and Popen's error, or binfmt_misc,
+    does what it always did): ``sh``'s ``exec`` retries a file the kernel refuses with
+    ENOEXEC (no shebang, ``#!`` without interpreter, another machine's ELF) as a shell
+    script."""
+    if program.startswith("-") or _SHELL_VARS & set(env):
         return False
-    path = program if "/" in program else shutil.which(program, path=env.get("PATH"))
-    if path is None or not os.access(path, os.X_OK):
+    if "/" in program:
+        path: str | None = os.path.join(cwd, program) if cwd is not None else program
+    else:
+        path = shutil.which(program, path=env.get("PATH"))
+    return path is not None and _kernel_executes(path, 0)
+
+
+def _kernel_executes(path: str, depth: int) -> bool:
+    """True when execve(``path``) is sure not to fail with ENOEXEC: executable, and an
+    ELF file of this machine's class, byte order and architecture, or a ``#!`` line that
+    ends within the kernel's buffer and names an absolute interpreter passing this test
+    (a script saved with CRLF line ends names ``/bin/sh`` plus a carriage return: none)."""
+    if depth > _MAX_INTERPRETERS or not os.access(path, os.X_OK):
         return False
-    try:  # non-blocking: a FIFO there must not hang the updater (it reads as empty)
+    head = _head(path)
+    if head.startswith(b"\x7fELF"):
+        own = _own_elf()
+        return len(head) >= 20 and head[4:6] == own[4:6] and head[18:20] == own[18:20]
+    line, newline, _ = head[2:].partition(b"\n")
+    if not head.startswith(b"#!") or not newline:
+        return False
+    interpreter = line.strip(b" \t").split(b" ")[0].split(b"\t")[0]
+    return interpreter.startswith(b"/") and _kernel_executes(os.fsdecode(interpreter),
+                                                             depth + 1)
+
+
+def _head(path: str) -> bytes:
+    """The first bytes of ``path`` (b"" when unreadable). Non-blocking: a FIFO there must
+    not hang the updater (it reads as empty)."""
+    try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            magic = os.read(fd, 4)
+            return os.read(fd, _HEAD_BYTES)
         finally:
             os.close(fd)
     except OSError:
-        return False
-    return magic.startswith(b"#!") or magic == b"\x7fELF"
+        return b""
+
+
+@functools.cache
+def _own_elf() -> bytes:
+    """The ELF header of this Python: the machine the kernel runs binaries for."""
+    return _head(os.path.realpath(sys.executable))[:20]
 
 
 def _record(recorder: Recorder, sid: int, name: str, gate: int | None) -> None:
     """Record session ``sid``, then open the gate (if any). A record that cannot be
-    written is a warning, not a failure: the child then runs as it did before records."""
+    written is a warning, not a failure: the child then runs as it did before records.
+    Interrupted while recording (the guard's SIGTERM, Ctrl-C), the gate is closed unopened:
+    the child exits 125 without running, and the caller stops its session."""
     try:
-        proc = read_stat(sid)
-        recorder.add(sid, proc.start if proc else 0)
-    except OSError as exc:
-        logger.warning("cannot record the session of %s (%s): if this run is killed, the "
-                       "next one cannot stop what it leaves running", name, exc)
-    finally:
+        try:
+            proc = read_stat(sid)
+            recorder.add(sid, proc.start if proc else 0)
+        except OSError as exc:
+            logger.warning("cannot record the session of %s (%s): if this run is killed, "
+                           "the next one cannot stop what it leaves running", name, exc)
         if gate is not None:
             with contextlib.suppress(OSError):  # the gate may be gone (killed meanwhile)
                 os.write(gate, b"\n")
+    finally:
+        if gate is not None:
             os.close(gate)
 
 
