@@ -200,8 +200,8 @@ class Updater:
                     random_delay: float) -> Outcome:
         # 0. A killed run's children still at work are stopped before anything else, above
         # all before its apply is finished or undone: never two actors on one box.
-        self._stopped = self._stop_orphans()
         state = self.store.load()
+        self._stopped = self._stop_orphans(state.journal.phase)
         # A dead run's apply is finished or undone before any network request.
         if state.journal.phase in ("applying", "rolling-back"):
             state = self.tx.recover(state)
@@ -233,10 +233,16 @@ class Updater:
         # 6.-8. Download, extract, apply.
         return self._update(state, release, dry_run)
 
-    def _stop_orphans(self) -> list[str]:
+    def _stop_orphans(self, phase: str) -> list[str]:
         """Stop what a killed run left running in the sessions it recorded (the records of
         :mod:`sessions`; records from an earlier boot are dropped: nothing of them survived
-        the reboot), then forget every record. Returns ``pid (command)`` of each stopped."""
+        the reboot), then forget every record. Returns ``pid (command)`` of each stopped.
+
+        With the journal idle (``phase``) the killed run's transaction was over, committed
+        or rolled back, when it died (in ``post-update.d``, or on the network after a
+        recovery): what its children left running is what a finished apply leaves, like a
+        service the new (or, after a rollback, the old) postinst started, and is accepted
+        as :meth:`_forget_sessions` accepts it at the end of a run that was not killed."""
         records = SessionRecords(self.store.sessions_dir)
         if not records.names():  # the daily no-op: one listdir
             return []
@@ -247,7 +253,10 @@ class Updater:
             logger.info("dropped %d session record(s) of an earlier boot: nothing of them "
                         "survived the reboot", len(sessions) - len(same_boot))
         stopped: list[str] = []
-        if same_boot:
+        if same_boot and phase == "idle":
+            logger.info("forgetting %d session record(s) of a run killed after its "
+                        "transaction ended: what it left running stays", len(same_boot))
+        elif same_boot:
             from .procs import stop_sessions
 
             stopped = stop_sessions(same_boot)

@@ -1,0 +1,47 @@
+"""A killed updater's session records after its transaction was over (follow-up to
+``tests/test_orphans.py``): the next run must not stop what a committed (or rolled back)
+apply started on purpose. A real ``opq-box-updater run`` is SIGKILLed, with dpkg in a
+temporary root.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from test_apply_e2e import OK, World, install_v1, publish_v2
+from test_orphans import (
+    MARKER,
+    SESSIONS_DIRNAME,
+    _grows,
+    _kill_updater_when,
+    _read_pid,
+    marker,
+    pids,
+    world,
+)
+from test_runner import _alive
+
+__all__ = ["marker", "pids", "world"]  # fixtures
+
+
+def test_a_daemon_of_a_committed_release_survives_an_updater_killed_after_the_commit(
+        world: World, marker: Path, pids: list[int]) -> None:
+    """The run script starts a daemon and the release commits; the updater is SIGKILLed
+    while a ``post-update.d`` hook hangs (a supervisor's timeout), before it could forget
+    its records. The next run found them and stopped the committed release's daemon."""
+    w, mark = world, marker
+    install_v1(w)
+    ready, hook_pid = w.tmp / "ready", w.tmp / "hook.pid"
+    w.hook("post-update.d", "50-hang", f"echo $$ > {hook_pid}; touch {ready}; exec sleep 300")
+    publish_v2(w, run=MARKER.format(mark=mark))
+    _kill_updater_when(w, ready)
+    pids.append(_read_pid(hook_pid))
+    assert w.box.status()["installed_version"] == 2
+    assert list((w.box.state_dir / SESSIONS_DIRNAME).glob("*.json")) != []
+    w.run("run", expect=OK)
+    assert _alive(int(Path(f"{mark}.pid").read_text())) and _grows(mark)
+    log = w.box.log_file.read_text()
+    assert "run killed after its transaction ended: what it left running stays" in log
+    assert "left running by a run that was killed" not in log
+    assert w.box.status()["leftovers_killed"] == []
+    assert list((w.box.state_dir / SESSIONS_DIRNAME).glob("*.json")) == []
