@@ -45,3 +45,25 @@ def test_a_daemon_of_a_committed_release_survives_an_updater_killed_after_the_co
     assert "left running by a run that was killed" not in log
     assert w.box.status()["leftovers_killed"] == []
     assert list((w.box.state_dir / SESSIONS_DIRNAME).glob("*.json")) == []
+
+
+def test_an_updater_killed_in_a_postinst_has_the_postinst_and_its_daemon_stopped(
+        world: World, marker: Path, pids: list[int]) -> None:
+    """SIGKILL while beta's postinst hangs after starting a background writer: the next
+    run stops both before its recovery (``dpkg --configure -a`` then runs the postinst
+    again, which now returns) and commits."""
+    w, mark = world, marker
+    install_v1(w)
+    ready, postinst_pid = w.tmp / "ready", w.tmp / "postinst.pid"
+    hang = (f"if [ ! -e {ready} ]; then {MARKER.format(mark=mark)}\n"
+            f"echo $$ > {postinst_pid}; touch {ready}; sleep 300; fi\n")
+    publish_v2(w, beta={"postinst": hang})
+    _kill_updater_when(w, ready)
+    postinst = _read_pid(postinst_pid)
+    pids.append(postinst)
+    assert _alive(postinst) and _grows(mark)
+    w.run("run", expect=OK)
+    assert not _alive(postinst) and not _alive(int(Path(f"{mark}.pid").read_text()))
+    assert not _grows(mark, seconds=0.5)
+    w.assert_clean({"alpha": "2.0", "beta": "1.0"})
+    assert "left running by a run that was killed" in w.box.log_file.read_text()
