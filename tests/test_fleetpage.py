@@ -431,3 +431,94 @@ def test_hostile_query_strings_get_a_page_never_an_error(tmp_path: Path) -> None
         assert status == "200 OK", (query[:40], status)
         assert b"\x1b" not in body
     assert sorted(boxes_of(parse(get("release=2&release=3")[1]))) == ["alpha", "echo"]
+
+
+# --- the filter form sends back exactly what it offers ---------------------------------------
+
+
+class Options(HTMLParser):
+    """Each select's options: (value, shown text, selected)."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.selects: dict[str, list[tuple[str, str, bool]]] = {}
+        self._select = ""
+        self._option: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "select":
+            self._select = values.get("name") or ""
+            self.selects[self._select] = []
+        elif tag == "option":
+            self.selects[self._select].append((values.get("value") or "", "",
+                                               "selected" in values))
+            self._option = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "option" and self._option is not None:
+            value, _, selected = self.selects[self._select][-1]
+            self.selects[self._select][-1] = (value, "".join(self._option), selected)
+            self._option = None
+
+    def handle_data(self, data: str) -> None:
+        if self._option is not None:
+            self._option.append(data)
+
+
+def options_of(text: str) -> dict[str, list[tuple[str, str, bool]]]:
+    parser = Options()
+    parser.feed(text)
+    return {name: options[1:] for name, options in parser.selects.items()}  # less "any"
+
+
+LONG = "r" * (fleetpage.MAX_TEXT + 50)
+NFC, NFD = "caf\u00e9.json", "cafe\u0301.json"
+
+
+def test_every_choice_the_form_offers_selects_the_boxes_that_sent_it() -> None:
+    """Submitting the form sends each option's value: it must be the exact text a box sent.
+    Before, the value was the shown text: a result longer than 200 characters was cut (the
+    filter then matched no box), and ``ok\\x1b`` became the literal text ``ok\\x1b``,
+    which filtered by what another box sent."""
+    records = [rec("long", LONG, 1), rec("esc", "ok\x1b[2J", 1),
+               rec("literal", "ok\\x1b[2J", 1), rec("quote", '"&<x>', 1),
+               rec("nfc", "updated", 1, channel=NFC), rec("nfd", "updated", 1, channel=NFD),
+               rec("zwsp", "updated", 1, channel="version.json\u200b")]
+    text, _ = page_of(records, "")
+    options = options_of(text)
+    for name in ("result", "channel"):
+        for value, _, _ in options[name]:
+            _, cells = page_of(records, urlencode({name: value}))
+            matching = [r.box_id for r in records if r.report[
+                "last_result" if name == "result" else "channel"] == value]
+            assert matching and sorted(boxes_of(cells)) == sorted(matching), (name, value)
+    assert [v for v, _, _ in options["result"]] == ['"&<x>', "ok\\x1b[2J", "updated"]
+    assert LONG not in text and "ok\x1b" not in text  # left out, not cut or escaped
+
+
+def test_a_filter_the_form_cannot_offer_still_works_by_address_and_stays_chosen() -> None:
+    records = [rec("long", LONG, 1), rec("other", "updated", 1)]
+    text, cells = page_of(records, urlencode({"result": LONG}))
+    assert list(boxes_of(cells)) == ["long"]
+    [(value, shown_text, selected)] = options_of(text)["result"][:1]
+    assert (value, selected) == (LONG, True)  # submitted again, the same filter
+    assert shown_text == "r" * fleetpage.MAX_TEXT + "…"
+
+
+def test_choices_that_differ_only_in_normalisation_do_not_look_alike() -> None:
+    records = [rec("nfc", "updated", 1, channel=NFC), rec("nfd", "updated", 1, channel=NFD)]
+    text, _ = page_of(records, "")
+    shown_texts = {value: label for value, label, _ in options_of(text)["channel"]}
+    assert set(shown_texts) == {NFC, NFD}
+    assert shown_texts[NFC] == NFC and shown_texts[NFD] == "cafe\\u0301.json"
+
+
+def test_a_chosen_filter_with_control_characters_stays_chosen_without_raw_controls() -> None:
+    records = [rec("esc", "ok\x1b[2J\u202e", 1), rec("other", "updated", 1)]
+    text, cells = page_of(records, urlencode({"result": "ok\x1b[2J\u202e"}))
+    assert list(boxes_of(cells)) == ["esc"]
+    assert "\x1b" not in text and "\u202e" not in text
+    # Character references: HTML keeps these characters (html.parser drops ESC's).
+    assert '<option value="ok&#x1b;[2J&#x202e;" selected>ok\\x1b[2J\\u202e</option>' in text
+    assert options_of(text)["result"][0][2]

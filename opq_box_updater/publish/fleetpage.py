@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import html
 import sys
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -159,15 +160,45 @@ def rollout_section(rows: Sequence[Health]) -> str:
     return "<h2>Rollouts</h2>\n" + _table(header, body, "rollouts")
 
 
+def _option_text(value: str) -> str:
+    """What an option shows: :func:`shown`, with every non-ASCII character escaped when
+    ``value`` is not in Unicode's NFC, so that two choices that differ only in
+    normalisation (``é`` as one character or as ``e`` and a combining accent) never look
+    alike."""
+    if not unicodedata.is_normalized("NFC", value):
+        value = value.encode("ascii", "backslashreplace").decode("ascii")
+    return shown(value)
+
+
+def _offered(value: str) -> bool:
+    """Whether the form offers ``value`` as a choice: only what it can send back exactly.
+    A value :func:`shown` cuts or escapes (longer than :data:`MAX_TEXT`, or with a control
+    or format character, which an HTML attribute does not carry intact) is left out: its
+    cut or escaped text would filter by something no box sent, or by what another box
+    sent literally. Such a value is still a filter through the address, exactly."""
+    return len(value) <= MAX_TEXT and printable(value) == value
+
+
+def _attribute(value: str) -> str:
+    """``value`` for an HTML attribute, whole: escaped, and every character
+    :func:`printable` would escape written as a character reference, so that none reaches
+    the page raw (the form still sends it; not NUL, C1 controls or line breaks, which
+    HTML changes)."""
+    return "".join(ch if ch.isprintable() else f"&#x{ord(ch):x};"
+                   for ch in html.escape(value, quote=True))
+
+
 def _filter_form(filters: Filters, boxes: Sequence[BoxView]) -> str:
     def select(name: str, values: Sequence[str], chosen: str | None) -> str:
+        # The value is the exact text (escaped for the attribute), the label shown.
         options = ['<option value="">any</option>'] + [
-            f'<option value="{shown(v)}"{" selected" if v == chosen else ""}>{shown(v)}'
-            "</option>" for v in values]
+            f'<option value="{_attribute(v)}"{" selected" if v == chosen else ""}>'
+            f"{_option_text(v)}</option>" for v in values]
         return (f'<label>{name} <select name="{name}">' + "".join(options)
                 + "</select></label> ")
     def choices(values: set[str], chosen: str | None, newest: bool = False) -> list[str]:
-        ordered = sorted(values, key=int) if newest else sorted(values)
+        offered = [v for v in values if _offered(v)]
+        ordered = sorted(offered, key=int) if newest else sorted(offered)
         kept = ordered[-FORM_CHOICES:] if newest else ordered[:FORM_CHOICES]
         return kept if chosen is None or chosen in kept else [chosen, *kept]
     release = None if filters.release is None else str(filters.release)
