@@ -6,8 +6,11 @@ temporary root.
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 
+import pytest
 from test_apply_e2e import OK, World, install_v1, publish_v2
 from test_orphans import (
     MARKER,
@@ -20,6 +23,9 @@ from test_orphans import (
     world,
 )
 from test_runner import _alive
+
+from opq_box_updater import procs
+from opq_box_updater.sessions import boot_id
 
 __all__ = ["marker", "pids", "world"]  # fixtures
 
@@ -67,3 +73,36 @@ def test_an_updater_killed_in_a_postinst_has_the_postinst_and_its_daemon_stopped
     assert not _grows(mark, seconds=0.5)
     w.assert_clean({"alpha": "2.0", "beta": "1.0"})
     assert "left running by a run that was killed" in w.box.log_file.read_text()
+
+
+@pytest.mark.parametrize("kind", ["world-writable", "symlink"])
+def test_a_sessions_directory_others_could_write_is_refused_and_nothing_stopped(
+        tmp_path: Path, pids: list[int], kind: str) -> None:
+    """Whoever can write ``<state_dir>/sessions`` could plant a record naming any live
+    process with its true start time: the directory is checked like the rest of the state
+    directory (exit 2, ConfigError), before any record is read."""
+    from opq_box_updater.config import Config
+    from opq_box_updater.errors import ConfigError
+    from opq_box_updater.state import Store
+    from opq_box_updater.updater import Updater
+
+    config = Config(server_url="http://127.0.0.1:9/", state_dir=tmp_path / "state",
+                    download_dir_path=tmp_path / "downloads", dpkg_root=tmp_path / "root")
+    Store(config.state_dir).ensure_dirs()
+    victim = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    pids.append(victim.pid)
+    sessions = config.state_dir / SESSIONS_DIRNAME
+    if kind == "symlink":
+        sessions.rmdir()
+        (tmp_path / "elsewhere").mkdir()
+        sessions.symlink_to(tmp_path / "elsewhere")
+    else:
+        sessions.chmod(0o777)
+    start = procs.read_stat(victim.pid)
+    assert start is not None
+    record = sessions / f"{victim.pid}.json"
+    record.write_text(json.dumps({"sid": victim.pid, "start": start.start,
+                                  "boot_id": boot_id()}))
+    with pytest.raises(ConfigError, match=r"state directory .*sessions"):
+        Updater(config).run()
+    assert victim.poll() is None and record.exists()
