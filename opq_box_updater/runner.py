@@ -86,10 +86,10 @@ TAIL_LINES = 20
 #: dpkg-query's answers, bounded against a child that writes without end.
 MAX_OUTPUT_BYTES = 1024 * 1024
 #: The gate: waits for one line on stdin (the session is recorded), then becomes the command
-#: with stdin /dev/null. At end of file (the updater died before recording) it exits 125
-#: without running anything. ``sh`` exports a ``PWD`` of its own: unset, so the child sees
-#: the environment it was given.
-_GATE = ("/bin/sh", "-c", 'IFS= read -r _ || exit 125; unset PWD; exec "$0" "$@" </dev/null')
+#: with stdin /dev/null, open for reading and writing like Popen's DEVNULL. At end of file
+#: (the updater died before recording) it exits 125 without running anything. ``sh``
+#: exports a ``PWD`` of its own: unset, so the child sees the environment it was given.
+_GATE = ("/bin/sh", "-c", 'IFS= read -r _ || exit 125; unset PWD; exec "$0" "$@" <>/dev/null')
 GATE_NOT_OPENED = 125
 #: Variables ``sh`` sets, rewrites or refuses (``OPTIND=x`` stops it): an environment naming
 #: one is started directly, so that the child sees exactly what it was given.

@@ -65,7 +65,8 @@ def _same_both_ways(recorder: Recorder, cmd: list[str], **kwargs: object) -> tup
     ["sh", "-c", "exit 125"], ["sh", "-c", "exit 126"], ["sh", "-c", "exit 127"],
     ["sh", "-c", "kill -KILL $$"], ["sh", "-c", "kill -TERM $$"],
     ["sh", "-c", "read x; echo \"read [$x] $?\""],
-], ids=["argv", "exit125", "exit126", "exit127", "sigkill", "sigterm", "stdin"])
+    ["sh", "-c", "cd /proc/$$/fd && echo * && readlink 0"],
+], ids=["argv", "exit125", "exit126", "exit127", "sigkill", "sigterm", "stdin", "fds"])
 def test_the_gate_keeps_argv_exit_status_signals_and_stdin(recorder: Recorder,
                                                            cmd: list[str]) -> None:
     outcome = _same_both_ways(recorder, cmd)
@@ -174,3 +175,10 @@ def test_an_interrupt_while_recording_runs_nothing_and_leaves_nothing(tmp_path: 
     assert procs.session_members(sid) == []
     time.sleep(0.5)  # a program that did start would have touched the file by now
     assert not (tmp_path / "ran").exists()
+
+
+def test_the_child_s_stdin_is_dev_null_open_for_reading_and_writing(recorder: Recorder) -> None:
+    """Popen's DEVNULL is opened read-write; the gate's ``</dev/null`` was read-only, so a
+    child writing to its standard input (a prompt some tools write to fd 0) failed."""
+    outcome = _same_both_ways(recorder, ["sh", "-c", "echo prompt >&0 && echo wrote"])
+    assert _gated(recorder) and outcome == ("exit", 0, "wrote\n")
