@@ -37,6 +37,8 @@ HEADERS = (("Content-Type", "text/html; charset=utf-8"),
            ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
            ("Cache-Control", "no-store"))
 MAX_TEXT = 200  # characters of a box-sent string shown in a table cell
+#: The highest release a box's report may claim (``rollout.box_view``): a filter up to it.
+MAX_RELEASE = 2**63 - 1
 #: The newest conflicts the page shows (the count says how many there are).
 CONFLICTS_SHOWN = 200
 #: Rows of the boxes table on one page: a fleet of 10 000 boxes in one table was 4.6 MB of
@@ -92,8 +94,9 @@ class Filters:
     def from_query(cls, args: Mapping[str, Sequence[str]]) -> Filters:
         """From a parsed query string (``parse_qs``); the first value of each name counts."""
         release = (args.get("release") or [""])[0]
-        return cls(release=int(release) if release.isascii() and release.isdigit()
-                   and len(release) < 19 else None,
+        number = int(release) if release.isascii() and release.isdigit() \
+            and len(release) <= len(str(MAX_RELEASE)) else None  # a bounded int() only
+        return cls(release=number if number is not None and number <= MAX_RELEASE else None,
                    result=(args.get("result") or [""])[0] or None,
                    channel=(args.get("channel") or [""])[0] or None)
 
