@@ -104,22 +104,22 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.server.owner
         path = unquote(urlsplit(self.path).path)
         self._status, self._sent, self._trickle_headers, self._fault = 0, 0, None, None
-        owner.begin()
+        seq = owner.begin()
         try:
             if not self._refuse_bad_headers():
                 self._answer(path, self._take(path))
         except OSError:
             self.close_connection = True  # the client went away (or we reset it)
         finally:
-            owner.record(LoggedRequest(self.command, path, dict(self.headers.items()),
-                                       self._status, self._sent))
+            owner.record(seq, LoggedRequest(self.command, path, dict(self.headers.items()),
+                                            self._status, self._sent))
 
     def do_POST(self) -> None:
         """Store the body in :attr:`FaultServer.posted`; answer 204 or the fault's status."""
         owner = self.server.owner
         path = unquote(urlsplit(self.path).path)
         self._status, self._sent, self._trickle_headers, self._fault = 0, 0, None, None
-        owner.begin()
+        seq = owner.begin()
         try:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             owner.posted.append((path, body))
@@ -132,8 +132,8 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
         finally:
-            owner.record(LoggedRequest(self.command, path, dict(self.headers.items()),
-                                       self._status, self._sent))
+            owner.record(seq, LoggedRequest(self.command, path, dict(self.headers.items()),
+                                            self._status, self._sent))
 
     def _refuse_bad_headers(self) -> bool:
         """Answer 400 to a request header nginx refuses (a NUL, a line above 8 KiB), as a
@@ -325,7 +325,8 @@ class FaultServer:
         self._lock = threading.Condition()
         self._active = 0  # requests being answered right now
         self._faults: dict[str, Fault] = {}
-        self._log: list[LoggedRequest] = []
+        self._log: list[tuple[int, LoggedRequest]] = []  # (order of arrival, request)
+        self._arrived = 0
         self.posted: list[tuple[str, bytes]] = []  # (path, body) of every POST
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -347,7 +348,7 @@ class FaultServer:
         """
         with self._lock:
             self._lock.wait_for(lambda: self._active == 0, timeout=self.settle)
-            return list(self._log)
+            return [entry for _, entry in sorted(self._log, key=lambda pair: pair[0])]
 
     def requests_for(self, path: str) -> list[LoggedRequest]:
         """The logged requests for one URL path."""
@@ -384,15 +385,20 @@ class FaultServer:
                     del self._faults[path]
             return fault
 
-    def begin(self) -> None:
-        """A handler starts answering a request (see :attr:`log`)."""
+    def begin(self) -> int:
+        """A handler starts answering a request (see :attr:`log`); returns its place in the
+        order of arrival. The log is kept in that order, not in the order handlers finish:
+        a client's next request can be answered before the handler of its previous one has
+        logged it (one CI run saw a retry logged before the 400 it followed)."""
         with self._lock:
             self._active += 1
+            self._arrived += 1
+            return self._arrived
 
-    def record(self, entry: LoggedRequest) -> None:
-        """A handler has finished answering a request."""
+    def record(self, seq: int, entry: LoggedRequest) -> None:
+        """A handler has finished answering request number ``seq``."""
         with self._lock:
-            self._log.append(entry)
+            self._log.append((seq, entry))
             self._active -= 1
             self._lock.notify_all()
 
