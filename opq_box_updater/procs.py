@@ -220,17 +220,36 @@ def collect_leftovers(sid: int, known: frozenset[int]) -> list[Proc]:
 
 
 def _signal(proc: Proc, sig: int) -> None:
-    """Send ``sig`` to ``proc`` and to its process group, never to this process's own."""
+    """Send ``sig`` to ``proc`` and to its process group, never to this process's own, and
+    only while its pid still names the process that was seen (same start time): the check
+    holds a pidfd, so a pid that ended and was handed out again between the pass over
+    ``/proc`` and the signal is never hit. Without pidfds (Linux before 5.3) the pid is
+    checked, then signalled."""
     if proc.pid == os.getpid():
         return
-    targets: list[Callable[[], None]] = [lambda: os.kill(proc.pid, sig)]
-    if proc.pgrp != os.getpgrp():
-        targets.append(lambda: os.killpg(proc.pgrp, sig))
-    for send in targets:
-        try:
-            send()
-        except (ProcessLookupError, PermissionError):
-            continue
+    try:
+        pidfd: int | None = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        return
+    except (OSError, AttributeError):
+        pidfd = None
+    try:
+        now = read_stat(proc.pid)
+        if now is None or now.start != proc.start:
+            return
+        targets: list[Callable[[], None]] = [
+            (lambda: signal.pidfd_send_signal(pidfd, sig)) if pidfd is not None
+            else (lambda: os.kill(proc.pid, sig))]
+        if proc.pgrp != os.getpgrp():
+            targets.append(lambda: os.killpg(proc.pgrp, sig))
+        for send in targets:
+            try:
+                send()
+            except (ProcessLookupError, PermissionError):
+                continue
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def _stop(find: Callable[[list[Proc]], list[Proc]], done: Callable[[], bool],

@@ -6,7 +6,9 @@ temporary root.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import signal
 import subprocess
 from pathlib import Path
 
@@ -106,3 +108,19 @@ def test_a_sessions_directory_others_could_write_is_refused_and_nothing_stopped(
     with pytest.raises(ConfigError, match=r"state directory .*sessions"):
         Updater(config).run()
     assert victim.poll() is None and record.exists()
+
+
+def test_a_pid_that_names_another_process_than_the_one_seen_is_not_signalled(
+        pids: list[int]) -> None:
+    """Between the pass over ``/proc`` and the signal, the process seen may end and its pid
+    go to another: modelled by the start time seen differing from the live one. Neither
+    the pid nor its process group is signalled; the process seen itself still is."""
+    victim = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    pids.append(victim.pid)
+    seen = procs.read_stat(victim.pid)
+    assert seen is not None
+    procs._signal(dataclasses.replace(seen, start=seen.start - 1), signal.SIGKILL)
+    with pytest.raises(subprocess.TimeoutExpired):
+        victim.wait(timeout=1)
+    procs._signal(seen, signal.SIGKILL)
+    assert victim.wait(timeout=30) == -signal.SIGKILL
