@@ -27,6 +27,7 @@ import urllib3
 
 from .config import Timeouts
 from .errors import DownloadError, DownloadHTTPError
+from .text import printable
 
 MAX_VALIDATOR = 256  # bytes; a real ETag or HTTP-date is far shorter
 
@@ -91,7 +92,7 @@ def redirect_target(url: str, current: str, location: str | None, status: int) -
 
 
 def http_error(url: str, resp: requests.Response) -> DownloadHTTPError:
-    reason = " ".join(str(resp.reason or "").split())[:80]
+    reason = printable(" ".join(str(resp.reason or "").split())[:80])
     return DownloadHTTPError(f"{url}: server answered HTTP {resp.status_code} {reason}".rstrip(),
                              resp.status_code)
 
@@ -127,5 +128,5 @@ def describe(exc: BaseException, timeouts: Timeouts) -> str:
         return "connection reset by the server"
     if has(http.client.IncompleteRead, http.client.RemoteDisconnected):
         return "the server closed the connection early"
-    text = " ".join(str(exc).split())
+    text = printable(" ".join(str(exc).split()))
     return f"transfer failed ({text[:200]})" if text else f"transfer failed ({type(exc).__name__})"

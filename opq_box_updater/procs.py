@@ -141,6 +141,14 @@ def is_subreaper() -> bool:
     return bool(prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and flag.value)
 
 
+def _shown(text: str) -> str:
+    """``text`` (a command name or line, chosen by whoever started the process) for the log
+    and ``status``: what a terminal would act on (ESC, other controls, bidi overrides) is
+    escaped. ``repr`` without its quotes, as :func:`opq_box_updater.text.printable` does,
+    which this level-0 module cannot import."""
+    return repr(text)[1:-1]
+
+
 def describe(pid: int) -> str:
     """``pid command line`` of a process, for the log."""
     try:
@@ -148,7 +156,7 @@ def describe(pid: int) -> str:
     except OSError:
         return f"{pid} (gone)"
     args = [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
-    return f"{pid} {' '.join(args)}"
+    return f"{pid} {_shown(' '.join(args))}"
 
 
 def describe_proc(proc: Proc, sid: int | None) -> str:
@@ -354,7 +362,7 @@ def stop_sessions(sessions: Iterable[tuple[int, int]], grace: float = GRACE_SECO
             continue
         if leader is not None and leader.start != start:
             logger.info("session %d is not the recorded one: pid %d is now %s, started "
-                        "later; not touched", sid, sid, leader.comm)
+                        "later; not touched", sid, sid, _shown(leader.comm))
             continue
         wanted.add(sid)
     seen: dict[int, str] = {}
@@ -365,7 +373,7 @@ def stop_sessions(sessions: Iterable[tuple[int, int]], grace: float = GRACE_SECO
         wanted.update(p.sid for p in found)  # sessions the leftovers made are theirs too
         for proc in found:
             if proc.pid not in seen:
-                seen[proc.pid] = f"{proc.pid} ({proc.comm})"
+                seen[proc.pid] = f"{proc.pid} ({_shown(proc.comm)})"
                 logger.warning("stopping pid %s, left running by a run that was killed",
                                seen[proc.pid])
         return found

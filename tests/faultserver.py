@@ -42,6 +42,7 @@ class Fault:
     """How to misbehave on one path. Fields combine where that makes sense."""
 
     status: int | None = None  # answer this status (404, 500, ...) with a short body
+    reason: str | None = None  # the status line's reason phrase, raw (default: the standard)
     delay: float = 0.0  # sleep this long before answering (read-timeout tests)
     trickle: float | None = None  # send the body one byte every `trickle` seconds
     trickle_headers: bool = False  # with `trickle`: the status line and headers too
@@ -244,7 +245,7 @@ class _Handler(BaseHTTPRequestHandler):
                    if value is not None}
         if fault.connection_close:
             headers["Connection"] = "close"
-        self.send_response(status)
+        self.send_response(status, fault.reason)
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()

@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "opq_box_updater"
 #: The box's modules by level: a module imports only from strictly lower levels.
 LEVELS: dict[str, int] = {
     "errors": 0, "faults": 0, "fsutil": 0, "deadline": 0, "source": 0, "procs": 0,
+    "text": 0,
     "metadata": 1, "runner": 1, "partfile": 1, "sessions": 1,
     "trust": 2, "config": 2, "state": 2, "package": 2, "guard": 2, "reporting": 2,
     "applyplan": 3, "httpcheck": 3, "debcache": 3,
@@ -32,7 +33,7 @@ CORE = {"metadata", "trust"}
 CORE_STDLIB = {"__future__", "hashlib", "json", "re", "collections", "datetime", "typing",
                "cryptography"}
 #: The box modules the publisher may use: one implementation of the checks, no box state.
-SHARED_WITH_PUBLISHER = {"errors", "fsutil", "metadata", "package"}
+SHARED_WITH_PUBLISHER = {"errors", "fsutil", "metadata", "package", "text"}
 PUBLISH_LEVELS = {"common": 0, "sealed": 0, "keys": 1, "build": 1, "bridge": 1, "store": 1,
                   "history": 1, "rollout": 1, "repo": 2, "fleetpage": 2, "reports": 2, "fleet": 2,
                   "rotate": 3,

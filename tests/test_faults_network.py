@@ -207,6 +207,35 @@ def test_metadata_shorter_than_its_content_length_claims_is_refused_naming_the_u
     assert w.box.status()["installed_version"] == 2
 
 
+#: A reason phrase that, printed raw, sets the terminal's title and clears the screen (with
+#: ESC, and with the 8-bit CSI a status line's Latin-1 can carry).
+HOSTILE_REASON = "\x1b]0;owned\x07\x1b[2J\x9b2Jerror fixed"
+
+
+@pytest.mark.parametrize("target", ["version", "package"])
+def test_a_hostile_reason_phrase_cannot_drive_the_operators_terminal(
+        world: World, target: str) -> None:
+    """The server chooses its status line: its controls reach the error line and the log
+    escaped, never raw."""
+    w = world
+    if target == "package":
+        assert w.box.run("check").returncode == 100
+    path = w.package_path if target == "package" else "/version.json"
+    before = w.box.digest()
+    w.server.set_fault(path, Fault(status=503, reason=HOSTILE_REASON))
+
+    proc = w.box.run("-q", "run")
+
+    assert proc.returncode == NETWORK, proc.stderr
+    line = assert_one_error_line(proc.stderr, "HTTP 503", "\\x1b]0;owned\\x07")
+    assert "\\x9b2J" in line
+    log = w.box.log_file.read_text(encoding="utf-8")
+    assert "\\x1b]0;owned" in log
+    for raw in ("\x1b", "\x07", "\x9b"):
+        assert raw not in proc.stderr and raw not in log
+    assert_unchanged_after_network_error(w.box, before)
+
+
 def test_unresolvable_host_is_exit_4(world: World) -> None:
     w = world
     before = w.box.digest()

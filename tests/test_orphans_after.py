@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -124,3 +125,21 @@ def test_a_pid_that_names_another_process_than_the_one_seen_is_not_signalled(
         victim.wait(timeout=1)
     procs._signal(seen, signal.SIGKILL)
     assert victim.wait(timeout=30) == -signal.SIGKILL
+
+
+def test_a_leftovers_hostile_command_name_reaches_the_log_and_status_escaped(
+        tmp_path: Path, pids: list[int], caplog: pytest.LogCaptureFixture) -> None:
+    """A process names itself (its executable's file name becomes its ``comm``): one a
+    release left behind must not drive the terminal of whoever reads the log or
+    ``status``."""
+    hostile = tmp_path / "\x1b]0;owned\x07\x1b[2J"
+    hostile.symlink_to("/bin/sleep")
+    victim = subprocess.Popen([str(hostile), "60"], start_new_session=True)
+    pids.append(victim.pid)
+    seen = procs.read_stat(victim.pid)
+    assert seen is not None and seen.comm.startswith("\x1b]0;owned")  # the name took
+    stopped = procs.stop_sessions([(victim.pid, seen.start)], grace=5)
+    assert victim.wait(timeout=30) is not None
+    assert stopped == [f"{victim.pid} (\\x1b]0;owned\\x07\\x1b[2J)"]
+    assert "\\x1b]0;owned" in caplog.text and "\x1b" not in caplog.text
+    assert "\x1b" not in procs.describe(os.getpid())

@@ -21,6 +21,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import ConfigError, RepositoryError
 from ..metadata import format_time
+from ..text import printable
 from . import (
     bridge,
     build,
@@ -40,7 +41,6 @@ from .common import (
     DEFAULT_ROOT_EXPIRES,
     PublishError,
     parse_duration,
-    printable,
     sha256_file,
 )
 

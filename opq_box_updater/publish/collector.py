@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from ..fsutil import utcnow
+from ..text import printable
 from . import fleetweb
-from .common import PublishError, printable
+from .common import PublishError
 from .fleetpage import parse_query
 from .reports import REPORT_MAX_BYTES, RateLimiter, receive
 from .store import Store, collector_store_url, open_store

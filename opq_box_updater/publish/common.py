@@ -113,10 +113,3 @@ def repo_lock(repo: Path, wait: float | None = None) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def printable(text: str) -> str:
-    """``text`` with every character a terminal would act on (C0/C1 controls such as ESC,
-    DEL, bidi overrides and other invisible format characters) shown as a Python escape:
-    reports and request lines come from anyone who can reach the server, and must not
-    drive the operator's terminal."""
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
-                   for ch in text)

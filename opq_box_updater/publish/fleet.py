@@ -1,7 +1,8 @@
 """The operator's views of the report store in a terminal: ``fleet`` and ``boxes list``.
 
 Everything shown comes from boxes, or from anyone who can reach the collector: every cell
-goes through :func:`~.common.printable`, so no report can drive the operator's terminal.
+goes through :func:`~opq_box_updater.text.printable`, so no report can drive the operator's
+terminal.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..metadata import format_time
-from .common import printable
+from ..text import printable
 from .store import BoxRecord, ReportRecord, Store
 
 

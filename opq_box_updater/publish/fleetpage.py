@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, urlencode
 
 from ..metadata import format_time
-from .common import printable
+from ..text import printable
 from .rollout import BoxView, Health, Record, box_view, is_failed
 
 #: Headers of every page: no script may run, nothing may frame it, no referrer leaks.

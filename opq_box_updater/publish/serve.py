@@ -33,7 +33,8 @@ from typing import Any, BinaryIO, TextIO, cast
 from urllib.parse import unquote, urlsplit
 
 from ..fsutil import utcnow
-from .common import CHUNK, PublishError, printable
+from ..text import printable
+from .common import CHUNK, PublishError
 from .reports import REPORT_MAX_BYTES, RateLimiter, receive
 from .store import open_repo_store
 
