@@ -10,27 +10,18 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_orphans import Recorder
+from test_orphans import Recorder, recorder
 
 from opq_box_updater import procs, runner
 from opq_box_updater.errors import SubprocessError
 
+__all__ = ["recorder"]  # fixtures
+
 ENV_PRINTER = [sys.executable, "-c",
                "import json, os; print(json.dumps(dict(os.environ), sort_keys=True))"]
-
-
-@pytest.fixture
-def recorder() -> Iterator[Recorder]:
-    rec = Recorder()
-    runner.record_sessions(rec)
-    try:
-        yield rec
-    finally:
-        runner.record_sessions(None)
 
 
 def _outcome(cmd: list[str], **kwargs: object) -> tuple[object, ...]:

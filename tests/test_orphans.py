@@ -21,33 +21,21 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import PY
-from debs import require_tool
-from faultserver import FaultServer
-from reposim import RepoSim
-from test_apply_e2e import APPLY_FAILED, DPKG_TOOLS, OK, World, install_v1, publish_v2
-from test_runner import _alive, _wait_gone, as_subreaper
+from test_apply_e2e import APPLY_FAILED, OK, World, install_v1, publish_v2, world
+from test_runner import _alive, _wait_gone, as_subreaper, pids
 
 from opq_box_updater import procs, runner
 from opq_box_updater.errors import SubprocessError
 from opq_box_updater.sessions import SESSIONS_DIRNAME, SessionRecords, boot_id
 
+__all__ = ["pids", "world"]  # fixtures, shared with test_runner and test_apply_e2e
+
 UPDATE_AVAILABLE = 100
 OLD = {"alpha": "1.0"}
 NEW = {"alpha": "2.0", "beta": "1.0"}
-
-
-@pytest.fixture
-def world(tmp_path: Path, box_factory: Any) -> Iterator[World]:
-    """``test_apply_e2e``'s world: a repository served on 127.0.0.1, a box, a dpkg root."""
-    for tool in DPKG_TOOLS:
-        require_tool(tool)
-    sim = RepoSim(tmp_path / "repo")
-    with FaultServer(sim.path) as server:
-        yield World(tmp_path, sim, server, box_factory(server.url, sim.anchor))
 
 
 class Recorder:
@@ -81,16 +69,6 @@ def recorder() -> Iterator[Recorder]:
         yield rec
     finally:
         runner.record_sessions(None)
-
-
-@pytest.fixture
-def pids() -> Iterator[list[int]]:
-    """Pids a test started; SIGKILLed afterwards whatever happened."""
-    started: list[int] = []
-    yield started
-    for pid in started:
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
 
 
 def _start(pid: int) -> int:
