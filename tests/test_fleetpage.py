@@ -295,6 +295,26 @@ def test_the_filter_form_stays_bounded_and_keeps_the_chosen_filter() -> None:
 # --- the routes over a real store and repository --------------------------------------------
 
 
+def request(app: Collector, path: str = "/", query: str = "",
+            method: str = "GET") -> tuple[str, dict[str, str], bytes]:
+    """One WSGI request to the collector: (status line, headers, body)."""
+    seen: list[Any] = []
+    body = b"".join(app({"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
+                         "REMOTE_ADDR": "127.0.0.1"},
+                        lambda status, headers: seen.extend([status, dict(headers)])))
+    return seen[0], seen[1], body
+
+
+def seeded_collector(tmp_path: Path) -> Collector:
+    """A collector on a SQLite store holding :func:`fleet`."""
+    url = "sqlite:///" + str(tmp_path / "reports.db")
+    store = open_store(url)
+    for record in fleet():
+        store.add(record)
+    store.close()
+    return Collector(url, clock=lambda: NOW)
+
+
 def test_routes_read_the_store_and_the_repository(tmp_path: Path) -> None:
     repo_dir, keydir = tmp_path / "repo", tmp_path / "keys"
     repo.init_repo(repo_dir, keydir, now=NOW - 10 * DAY)
@@ -333,19 +353,10 @@ def test_routes_read_the_store_and_the_repository(tmp_path: Path) -> None:
 
 
 def test_the_collector_serves_the_pages(tmp_path: Path) -> None:
-    url = "sqlite:///" + str(tmp_path / "reports.db")
-    store = open_store(url)
-    for record in fleet():
-        store.add(record)
-    store.close()
-    app = Collector(url, clock=lambda: NOW)
+    app = seeded_collector(tmp_path)
 
     def get(path: str, method: str = "GET") -> tuple[str, dict[str, str], bytes]:
-        seen: list[Any] = []
-        body = b"".join(app({"REQUEST_METHOD": method, "PATH_INFO": path,
-                             "QUERY_STRING": "release=2", "REMOTE_ADDR": "127.0.0.1"},
-                            lambda status, headers: seen.extend([status, dict(headers)])))
-        return seen[0], seen[1], body
+        return request(app, path, "release=2", method)
 
     status, headers, body = get("/")
     assert status == "200 OK" and headers["Content-Type"] == "text/html; charset=utf-8"
@@ -377,12 +388,8 @@ def test_the_collector_pages_with_rollout_numbers_of_the_whole_fleet(tmp_path: P
     app = Collector(url, clock=lambda: NOW, repo=repo_dir)
 
     def get(target: str) -> tuple[str, Cells]:
-        parts = urlsplit(target)
-        seen: list[Any] = []
-        body = b"".join(app({"REQUEST_METHOD": "GET", "PATH_INFO": "/",
-                             "QUERY_STRING": parts.query, "REMOTE_ADDR": "127.0.0.1"},
-                            lambda status, headers: seen.append(status)))
-        assert seen == ["200 OK"]
+        status, _, body = request(app, "/", urlsplit(target).query)
+        assert status == "200 OK"
         return body.decode(), parse(body)
 
     whole = rollout.health(rollout.ReleaseRef("version.json", 2, 50, NOW - 2 * DAY),
@@ -408,19 +415,11 @@ def test_the_collector_pages_with_rollout_numbers_of_the_whole_fleet(tmp_path: P
 def test_hostile_query_strings_get_a_page_never_an_error(tmp_path: Path) -> None:
     """Repeated keys past the parser's field cap, huge and non-UTF-8 values, unicode:
     the page is served (filters that make no sense are ignored), never a 500."""
-    url = "sqlite:///" + str(tmp_path / "reports.db")
-    store = open_store(url)
-    for record in fleet():
-        store.add(record)
-    store.close()
-    app = Collector(url, clock=lambda: NOW)
+    app = seeded_collector(tmp_path)
 
     def get(query: str) -> tuple[str, bytes]:
-        seen: list[Any] = []
-        body = b"".join(app({"REQUEST_METHOD": "GET", "PATH_INFO": "/", "QUERY_STRING": query,
-                             "REMOTE_ADDR": "127.0.0.1"},
-                            lambda status, headers: seen.append(status)))
-        return seen[0], body
+        status, _, body = request(app, "/", query)
+        return status, body
 
     for query in ("&".join(["result=x"] * 51), "&" * 5000, ";".join(["a=1"] * 60),
                   "result=" + "é" * 5000, "release=" + "9" * 5000, "release=%FF%FE",
