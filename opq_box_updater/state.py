@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 from .errors import ConfigError, FormatError, LockError, StateError
 from .fsutil import atomic_write, unsafe_dir_reason, utcnow
 from .metadata import parse_time
+from .sessions import SESSIONS_DIRNAME
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ class Store:
         self.release_path = state_dir / "release.json"
         self.debs_dir = state_dir / "debs"
         self.lock_path = state_dir / "lock"
-        self.sessions_dir = state_dir / "sessions"  # sessions.SESSIONS_DIRNAME
+        self.sessions_dir = state_dir / SESSIONS_DIRNAME
 
     def ensure_dirs(self) -> None:
         """Create the state directories 0700, and refuse ones another local user could
